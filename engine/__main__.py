@@ -1,0 +1,95 @@
+"""The command line: ``python -m engine info`` (and, later, ``ablate``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from engine import __version__, strategies
+from engine._context import usable_cpu_count
+from engine.config import ParallelConfig, describe_env
+from engine.errors import ConfigError
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {
+        "python": platform.python_version(),
+        "engine": __version__,
+    }
+    for name in (
+        "numpy",
+        "numba",
+        "cloudpickle",
+        "joblib",
+        "dask",
+        "calibrated_explanations",
+    ):
+        try:
+            module = __import__(name)
+        except ImportError:
+            out[name] = None
+        else:
+            out[name] = getattr(module, "__version__", "unknown")
+    return out
+
+
+def _info() -> dict[str, Any]:
+    config = ParallelConfig.from_env()
+    env = describe_env()
+    return {
+        "config": config.as_dict(),
+        "environment": env,
+        "forced_serial": env["enabled"] is False,
+        "strategies": {
+            name: (strategies.unavailable_reason(name) or "available")
+            for name in strategies.strategy_names()
+        },
+        "usable_cpus": usable_cpu_count(),
+        "versions": _versions(),
+        "platform": platform.platform(),
+    }
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    env = info["environment"]
+    print(f"CE_PARALLEL: {env['CE_PARALLEL']!r}")
+    if info["forced_serial"]:
+        print("  -> parallelism is OFF: every run is serial")
+    print("resolved configuration:")
+    for key, value in info["config"].items():
+        print(f"  {key:<24} {value!r}")
+    print("strategies:")
+    for name, state in info["strategies"].items():
+        print(f"  {name:<10} {state}")
+    print(f"usable cpus: {info['usable_cpus']} (affinity and cgroup quota aware)")
+    print("versions: " + ", ".join(f"{k}={v}" for k, v in info["versions"].items()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser(
+        "info", help="show configuration, strategies, CPUs, versions"
+    )
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            data = _info()
+            if args.json:
+                print(json.dumps(data, indent=2))
+            else:
+                _print_info(data)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Importable task functions for the tests (spawn children import them)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from typing import Any
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def shuffled_sleep(x: int, seed: int = 0) -> int:
+    """Sleep a pseudo-random few milliseconds, so chunks finish out of order."""
+    time.sleep(random.Random(seed * 100003 + x).random() * 0.004)
+    return x * 3 + 1
+
+
+class TaskError(ValueError):
+    """A user-defined error type raised by a task."""
+
+
+def fail_on(x: int, bad: int = 13) -> int:
+    if x == bad:
+        msg = f"item {x} is bad"
+        raise TaskError(msg)
+    return x
+
+
+def sleep_s(x: int, seconds: float = 0.05) -> int:
+    time.sleep(seconds)
+    return x
+
+
+def block_until(x: int, event: threading.Event) -> int:
+    """Block (threads/serial only) until the event is set or 30 s pass."""
+    event.wait(30)
+    return x
+
+
+def nested_map(x: int, fields: dict[str, Any]) -> tuple[int, str, bool]:
+    """Run an executor inside a worker; report its strategy and nesting."""
+    from engine import ParallelConfig, ParallelExecutor
+
+    with ParallelExecutor(ParallelConfig(**fields)) as inner:
+        values = inner.map(square, range(x + 8))
+        summary = inner.telemetry.summary()
+    return sum(values), summary["strategy"], summary["nested"]
+
+
+def array_sum(x: int, array: Any) -> float:
+    return float(array[x % len(array)]) + float(array.sum())
+
+
+def pid_of(_: Any) -> int:
+    return os.getpid()
+
+
+def kill_self(x: int, target: int = 3) -> int:
+    if x == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def exit_self(x: int, target: int = 3) -> int:
+    if x == target:
+        os._exit(7)
+    return x

@@ -1,0 +1,131 @@
+"""Telemetry schema version 1: recorder, summaries, events, JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import pytest
+
+from engine.telemetry import SCHEMA_VERSION, RunSummary, Telemetry
+
+SCHEMA_FIELDS = {
+    "schema_version",
+    "run_id",
+    "strategy",
+    "reason",
+    "workers",
+    "start_method",
+    "chunks",
+    "items",
+    "wall_s",
+    "compute_s",
+    "queue_wait_s",
+    "dispatch_overhead_s",
+    "utilisation",
+    "bytes_pickled",
+    "bytes_shared",
+    "fallbacks",
+    "failures",
+    "cancellations",
+    "worker_restarts",
+    "nested",
+    "thread_cap",
+    "status",
+}
+
+
+def test_run_summary_has_every_schema_field() -> None:
+    telemetry = Telemetry()
+    recorder = telemetry.recorder(strategy="threads", reason="configured", workers=2)
+    recorder.add(chunks=2, items=10, compute_s=0.5, bytes_pickled=100)
+    recorder.record_fallback("lost chunk 1", chunk=1)
+    summary = recorder.finish("ok")
+    assert isinstance(summary, RunSummary)
+    data = summary.as_dict()
+    assert set(data) == SCHEMA_FIELDS
+    assert data["schema_version"] == SCHEMA_VERSION == 1
+    assert data["items"] == 10
+    assert data["chunks"] == 2
+    assert data["fallbacks"] == [{"reason": "lost chunk 1", "chunk": 1}]
+    assert 0.0 <= data["utilisation"] <= 1.0
+    json.dumps(data)
+
+
+def test_finish_is_idempotent() -> None:
+    recorder = Telemetry().recorder(strategy="serial", reason="r", workers=1)
+    first = recorder.finish("ok")
+    assert recorder.finish("error") is first
+
+
+def test_unknown_counter_is_refused() -> None:
+    recorder = Telemetry().recorder(strategy="serial", reason="r", workers=1)
+    with pytest.raises(KeyError, match="itemz"):
+        recorder.add(itemz=1)
+
+
+def test_counters_are_thread_safe() -> None:
+    recorder = Telemetry().recorder(strategy="threads", reason="r", workers=4)
+
+    def bump() -> None:
+        for _ in range(1000):
+            recorder.add(items=1)
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert recorder.finish("ok").items == 4000
+
+
+def test_summary_aggregates_runs_and_exports_json() -> None:
+    telemetry = Telemetry()
+    for items in (3, 4):
+        recorder = telemetry.recorder(
+            strategy="threads", reason="configured", workers=2
+        )
+        recorder.add(items=items, chunks=1)
+        telemetry.add(recorder.finish("ok"))
+    summary = telemetry.summary()
+    assert summary["run_count"] == 2
+    assert summary["items"] == 7
+    assert summary["chunks"] == 2
+    assert summary["strategy"] == "threads"
+    assert len(summary["runs"]) == 2
+    assert json.loads(telemetry.to_json())["items"] == 7
+
+
+def test_empty_summary_has_fields() -> None:
+    summary = Telemetry().summary()
+    for name in ("strategy", "workers", "chunks", "items", "wall_s", "utilisation"):
+        assert name in summary
+
+
+def test_callback_receives_events_and_cannot_break_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    events = []
+
+    def callback(event: dict) -> None:
+        events.append(event)
+        if event["event"] == "fallback":
+            raise RuntimeError("callback bug")
+
+    telemetry = Telemetry(callback=callback)
+    recorder = telemetry.recorder(strategy="serial", reason="r", workers=1)
+    with caplog.at_level(logging.ERROR, logger="engine"):
+        recorder.record_fallback("x")
+    recorder.finish("ok")
+    kinds = [event["event"] for event in events]
+    assert kinds == ["run_started", "fallback", "run_finished"]
+    assert "callback bug" in caplog.text
+
+
+def test_debug_log(caplog: pytest.LogCaptureFixture) -> None:
+    telemetry = Telemetry()
+    with caplog.at_level(logging.DEBUG, logger="engine"):
+        telemetry.recorder(strategy="serial", reason="gated", workers=1).finish("ok")
+    assert "run_started" in caplog.text
+    assert "gated" in caplog.text
