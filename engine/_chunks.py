@@ -108,3 +108,58 @@ class OrderedBuffer:
 
     def __len__(self) -> int:
         return len(self._pending)
+
+
+# Adaptive chunks never grow by more than this factor from one chunk to the
+# next, so one misleadingly fast early chunk cannot produce a giant one.
+MAX_GROWTH: Final = 4
+# The tail cap keeps at least this many chunks per worker in what remains,
+# so chunks shrink towards the end and workers finish together.
+TAIL_CHUNKS_PER_WORKER: Final = 2
+
+
+class AdaptiveChunks:
+    """Chunks sized from measured cost: aim at a duration, shrink at the end.
+
+    ``measured()`` returns ``(items_done, compute_s)`` so far (the run's
+    telemetry counters); each chunk is sized when the strategy asks for it,
+    so sizes follow the work as it is measured. Chunking never changes
+    results, only how items are grouped.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[Any],
+        *,
+        workers: int,
+        initial_size: int,
+        target_chunk_s: float,
+        measured: Callable[[], tuple[int, float]],
+    ) -> None:
+        self._items = items
+        self._workers = max(1, workers)
+        self._size = max(1, initial_size)
+        self._target_s = target_chunk_s
+        self._measured = measured
+        self.sizes: list[int] = []
+
+    def _next_size(self, remaining: int) -> int:
+        done, compute_s = self._measured()
+        size = self._size
+        if done > 0 and compute_s > 0:
+            wanted = max(1, int(self._target_s * done / compute_s))
+            size = min(wanted, size * MAX_GROWTH)
+        tail_cap = math.ceil(remaining / (TAIL_CHUNKS_PER_WORKER * self._workers))
+        self._size = max(1, min(size, tail_cap))
+        return self._size
+
+    def __iter__(self) -> Iterator[Chunk]:
+        total = len(self._items)
+        start = 0
+        index = 0
+        while start < total:
+            size = self._next_size(total - start)
+            self.sizes.append(size)
+            yield Chunk(index, start, self._items[start : start + size])
+            start += size
+            index += 1

@@ -1,21 +1,60 @@
 """The auto strategy: a pure function from a workload estimate to a choice.
 
 ``choose(estimate)`` reads nothing from the environment or the clock; the
-executor measures and passes everything in, so the heuristic is unit-tested
-over a table of synthetic estimates.
+executor measures (a short serial probe of the first items, pickled sizes,
+pool start-up costs) and passes everything in, so the heuristic is unit-tested
+over a table of synthetic estimates. It predicts each candidate's wall time
+with a small cost model and picks the fastest; the reason names the numbers.
+
+Cost model, per candidate with ``w`` workers and ``n`` items of cost ``c``::
+
+    serial     n*c
+    threads    start + n*c / (w if fn releases the GIL else 1) + n*THREAD_ITEM_S
+    processes  start + n*c / w + n*(PROCESS_ITEM_S + bytes/PICKLE_BYTES_PER_S)
+    joblib     as processes, with joblib's own start and per-item costs
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Final, final
 
-# Below this many items per worker, parallel start-up and dispatch cost more
-# than they save for typical explainer work (ci/bench/dispatch.py, W6).
-MIN_ITEMS_PER_WORKER: Final = 2
+# A run whose whole serial cost is below this never goes parallel: even a warm
+# pool costs ~1-3 ms per map in dispatch and wake-ups (ci/bench/warm.py, W7;
+# W6 must stay within 1.05x of the serial loop).
+MIN_PARALLEL_WORK_S: Final = 0.02
 
-# Strategies auto considers, best first, when ParallelConfig.prefer is empty.
-DEFAULT_ORDER: Final = ("processes", "threads", "serial")
+# Per-item overhead of the process strategy with auto chunking, and of a
+# thread pool (ci/bench/dispatch.py, W4: ~0.4-8 us/item with chunks).
+PROCESS_ITEM_S: Final = 10e-6
+THREAD_ITEM_S: Final = 5e-6
+JOBLIB_ITEM_S: Final = 20e-6
+
+# Pickling round-trip throughput for task payloads that are not in shared
+# memory: 100 MiB took ~428 ms here (BENCH.md, W5 baseline).
+PICKLE_BYTES_PER_S: Final = 245e6
+
+# Start-up costs used until the executor has measured its own (BENCH.md:
+# spawn with numpy+numba 0.6-0.9 s; our supervisor forks workers, ~0.3 s).
+DEFAULT_STARTUP_S: Final[Mapping[str, float]] = {
+    "serial": 0.0,
+    "threads": 0.001,
+    "processes": 0.35,
+    "joblib": 0.8,
+}
+
+# Parallel must beat serial by this factor to be worth its risk and noise.
+MIN_GAIN: Final = 1.1
+
+# auto aims each chunk at this duration: long enough that per-chunk overhead
+# (~50-100 us for processes) stays under 1 %, short enough for load balance
+# and a prompt cancel (joblib aims at 0.2 s; ci/bench/dispatch.py).
+TARGET_CHUNK_S: Final = 0.02
+
+# Strategies auto considers, in this order on ties, when prefer is empty.
+DEFAULT_ORDER: Final = ("processes", "threads", "joblib", "serial")
 
 
 @final
@@ -33,6 +72,7 @@ class Estimate:
     item_cost_s: float | None = None
     task_bytes: int | None = None
     shared_bytes: int = 0
+    startup_s: Mapping[str, float] = field(default_factory=dict)
 
 
 @final
@@ -48,7 +88,34 @@ class Choice:
 
 def _candidates(estimate: Estimate) -> list[str]:
     order = estimate.prefer or DEFAULT_ORDER
-    return [name for name in order if name in estimate.available]
+    return [name for name in order if name in estimate.available and name != "dask"]
+
+
+def predict_s(name: str, estimate: Estimate, workers: int) -> float:
+    """Predicted wall seconds of strategy ``name`` (the module's cost model)."""
+    n_items = estimate.n_items or 0
+    cost = estimate.item_cost_s or 0.0
+    work = n_items * cost
+    if name == "serial":
+        return work
+    start = estimate.startup_s.get(name, DEFAULT_STARTUP_S.get(name, 1.0))
+    if name == "threads":
+        speedup = workers if estimate.releases_gil else 1
+        return start + work / speedup + n_items * THREAD_ITEM_S
+    per_item = PROCESS_ITEM_S if name == "processes" else JOBLIB_ITEM_S
+    pickled = (estimate.task_bytes or 0) / PICKLE_BYTES_PER_S
+    return start + work / workers + n_items * (per_item + pickled)
+
+
+def chunk_size_for(
+    item_cost_s: float | None, n_items: int | None, workers: int
+) -> int | None:
+    """Items per chunk aiming at ``TARGET_CHUNK_S``, at least 4 chunks per worker."""
+    if item_cost_s is None or n_items is None or n_items <= 0:
+        return None
+    by_time = max(1, int(TARGET_CHUNK_S / max(item_cost_s, 1e-9)))
+    balance = max(1, math.ceil(n_items / (4 * workers)))
+    return min(by_time, balance)
 
 
 def choose(estimate: Estimate) -> Choice:
@@ -57,7 +124,8 @@ def choose(estimate: Estimate) -> Choice:
     Parameters
     ----------
     estimate : Estimate
-        Item count, usable CPUs, nesting, available strategies, preference.
+        Item count and measured per-item cost, usable CPUs, nesting, available
+        strategies and preference, GIL release, payload sizes, start-up costs.
 
     Returns
     -------
@@ -65,23 +133,40 @@ def choose(estimate: Estimate) -> Choice:
         The strategy, workers, chunk size (``None``: the executor's default)
         and a one-line reason, recorded in telemetry.
     """
-    workers = min(estimate.max_workers or estimate.usable_cpus, estimate.usable_cpus)
+    workers = max(
+        1, min(estimate.max_workers or estimate.usable_cpus, estimate.usable_cpus)
+    )
+    candidates = _candidates(estimate)
     if estimate.nested:
         return Choice("serial", 1, None, "nested inside a worker: run serially")
     if workers < 2:
         return Choice("serial", 1, None, "only one usable CPU")
+    parallel = [name for name in candidates if name != "serial"]
+    if not parallel:
+        return Choice("serial", 1, None, f"no parallel strategy among {candidates}")
     n_items = estimate.n_items
-    if n_items is not None and n_items < MIN_ITEMS_PER_WORKER * workers:
+    if n_items is not None and n_items < 2:
+        return Choice("serial", 1, None, f"{n_items} item(s) left: nothing to split")
+    if estimate.item_cost_s is None or n_items is None:
+        # Nothing measured (a stream of unknown length): the first preference.
         return Choice(
-            "serial",
-            1,
-            None,
-            f"{n_items} items < {MIN_ITEMS_PER_WORKER} per worker x {workers} workers",
+            parallel[0], workers, None, "no estimate: first preferred strategy"
         )
-    candidates = _candidates(estimate)
-    if estimate.releases_gil and "threads" in candidates:
-        return Choice("threads", workers, None, "work releases the GIL: threads")
-    for name in candidates:
-        if name != "serial":
-            return Choice(name, workers, None, f"first available of {candidates}")
-    return Choice("serial", 1, None, f"no parallel strategy among {candidates}")
+    work = n_items * estimate.item_cost_s
+    if work < MIN_PARALLEL_WORK_S and "serial" in (estimate.prefer or DEFAULT_ORDER):
+        reason = (
+            f"{work * 1e3:.2f} ms of work < {MIN_PARALLEL_WORK_S * 1e3:.0f} ms: serial"
+        )
+        return Choice("serial", 1, None, reason)
+    serial_s = work
+    predictions = {name: predict_s(name, estimate, workers) for name in parallel}
+    best = min(parallel, key=lambda name: (predictions[name], parallel.index(name)))
+    chunk = chunk_size_for(estimate.item_cost_s, n_items, workers)
+    summary = ", ".join(
+        f"{name} {seconds:.3f}s" for name, seconds in predictions.items()
+    )
+    if "serial" in candidates and predictions[best] * MIN_GAIN > serial_s:
+        return Choice("serial", 1, None, f"serial {serial_s:.3f}s beats {summary}")
+    return Choice(
+        best, workers, chunk, f"predicted {summary} vs serial {serial_s:.3f}s"
+    )

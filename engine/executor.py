@@ -15,7 +15,9 @@ workers.
 
 from __future__ import annotations
 
+import pickle
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, final
@@ -23,10 +25,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple, final
 import numpy as np
 
 from engine import _env, strategies
-from engine._chunks import default_chunk_size, make_chunks
+from engine._chunks import AdaptiveChunks, Chunk, default_chunk_size, make_chunks
 from engine._context import usable_cpu_count
 from engine._state import ExecutorState, Lifecycle, is_nested
-from engine.auto import Estimate, choose
+from engine.auto import TARGET_CHUNK_S, Estimate, choose
 from engine.config import ParallelConfig
 from engine.errors import (
     CancelledError,
@@ -44,6 +46,37 @@ if TYPE_CHECKING:
 # Chunk size for an ``imap`` over an iterator of unknown length, when none is
 # configured: calibrated-explanations' default instance chunk.
 DEFAULT_STREAM_CHUNK_SIZE = 8
+
+# auto's serial probe: at most this many leading items, stopping once this
+# much time is spent; their results are kept (W6: 5 items of 1 ms stay serial).
+PROBE_MAX_ITEMS = 3
+PROBE_BUDGET_S = 0.05
+
+# Pool start-up seconds measured in this process, per strategy (auto's input).
+_STARTUP_S: dict[str, float] = {}
+
+_NO_ITEM = object()
+
+
+def _pickled_size(item: Any) -> int | None:
+    try:
+        return len(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:  # unpicklable here; the strategy will say so if it matters
+        return None
+
+
+def releases_gil(fn: Callable[..., Any]) -> bool:
+    """Return True if ``fn`` is known to release the GIL.
+
+    True for numba dispatchers compiled with ``nogil=True`` and for callables
+    marked ``fn.releases_gil = True``; ``functools.partial`` is unwrapped.
+    """
+    while hasattr(fn, "func") and hasattr(fn, "args"):
+        fn = fn.func
+    if getattr(fn, "releases_gil", False) is True:
+        return True
+    options = getattr(fn, "targetoptions", None)
+    return isinstance(options, dict) and bool(options.get("nogil"))
 
 
 class _Plan(NamedTuple):
@@ -217,6 +250,7 @@ class ParallelExecutor:
         return strategy
 
     def _plan(self, n_items: int | None) -> _Plan:
+        """Decide what runs, before any item is touched (auto decides later)."""
         cfg = self._config
         if _env.is_forced_off():
             return _Plan("serial", 1, None, "CE_PARALLEL=off", False)
@@ -229,21 +263,46 @@ class ParallelExecutor:
         if n_items is not None and n_items < cfg.min_batch_size:
             reason = f"gated: {n_items} items < min_batch_size={cfg.min_batch_size}"
             return _Plan("serial", 1, None, reason, False)
-        if cfg.strategy != "auto":
-            return _Plan(
-                cfg.strategy, self._workers_for(cfg.strategy), None, "configured", False
+        if cfg.strategy == "auto":
+            return _Plan("auto", 1, None, "auto", False)
+        return _Plan(
+            cfg.strategy, self._workers_for(cfg.strategy), None, "configured", False
+        )
+
+    def _choose(
+        self,
+        fn: Callable[..., Any],
+        n_items: int | None,
+        item_cost_s: float | None,
+        item: Any,
+    ) -> _Plan:
+        """Ask ``auto.choose`` with what this executor measured."""
+        cfg = self._config
+        with self._lock:
+            warm = set(self._strategies)
+            shared_bytes = (
+                self._payloads.bytes_shared if self._payloads is not None else 0
             )
-        usable = [
-            name for name in strategies.available_strategies() if name not in ("dask",)
-        ]
+        available = tuple(
+            name for name in strategies.available_strategies() if name != "dask"
+        )
+        startup = {name: _STARTUP_S.get(name, 0.0) for name in available}
+        startup.update(dict.fromkeys(warm, 0.0))
+        task_bytes = cfg.task_size_hint_bytes
+        if task_bytes is None and item is not _NO_ITEM:
+            task_bytes = _pickled_size(item)
         choice = choose(
             Estimate(
                 n_items=n_items,
                 usable_cpus=usable_cpu_count(),
                 max_workers=cfg.max_workers,
-                available=tuple(usable),
+                available=available,
                 prefer=cfg.prefer,
-                task_bytes=cfg.task_size_hint_bytes,
+                releases_gil=releases_gil(fn),
+                item_cost_s=item_cost_s,
+                task_bytes=task_bytes,
+                shared_bytes=shared_bytes,
+                startup_s={k: v for k, v in startup.items() if v is not None},
             )
         )
         return _Plan(
@@ -271,7 +330,7 @@ class ParallelExecutor:
         *extra_args
             Passed to every call after the item.
         chunk_size : int or None
-            Items per chunk; default ``instance_chunk_size`` or automatic.
+            Items per chunk; default ``instance_chunk_size``, else adaptive.
 
         Raises
         ------
@@ -304,29 +363,86 @@ class ParallelExecutor:
             msg = f"fn={fn!r} is not callable"
             raise TypeError(msg)
         if chunk_size is not None and not (
-            isinstance(chunk_size, int) and chunk_size >= 1
+            isinstance(chunk_size, int)
+            and not isinstance(chunk_size, bool)
+            and chunk_size >= 1
         ):
             msg = f"chunk_size={chunk_size!r} is invalid; allowed: an int >= 1 or None"
             raise ConfigError(msg)
         n_items = len(items) if isinstance(items, Sequence) else None
         plan = self._plan(n_items)
-        return self._run(plan, fn, items, extra_args, chunk_size, n_items)
+        if plan.strategy == "auto":
+            return self._auto(fn, items, extra_args, chunk_size, n_items)
+        strategy, used = self._start_strategy(plan)
+        ctx = self._context(strategy, used, requested=plan)
+        chunks = self._chunks(used, ctx, items, chunk_size, n_items, offset=0)
+        return self._stream(
+            strategy, fn, chunks, self._args_for(strategy, extra_args), ctx
+        )
 
-    def _chunk_size(
-        self, plan: _Plan, chunk_size: int | None, n_items: int | None
-    ) -> int:
-        explicit = chunk_size or self._config.instance_chunk_size or plan.chunk_size
+    def _args_for(
+        self, strategy: Strategy, extra_args: tuple[Any, ...]
+    ) -> tuple[Any, ...]:
+        if strategy.IN_PROCESS and self._payloads is not None:
+            return self._payloads.resolve_local(extra_args)
+        return extra_args
+
+    def _context(
+        self, strategy: Strategy, used: _Plan, *, requested: _Plan
+    ) -> RunContext:
+        recorder = self.telemetry.recorder(
+            strategy=used.strategy,
+            reason=used.reason,
+            workers=used.workers,
+            start_method=strategy.start_method,
+            nested=used.nested,
+            thread_cap=strategy.thread_cap,
+        )
+        if used.strategy != requested.strategy:
+            recorder.record_fallback(used.reason, requested=requested.strategy)
+        return RunContext(
+            recorder,
+            timeout_s=self._config.timeout_s,
+            cancel_grace_s=self._config.cancel_grace_s,
+        )
+
+    def _chunks(
+        self,
+        plan: _Plan,
+        ctx: RunContext,
+        items: Iterable[Any],
+        chunk_size: int | None,
+        n_items: int | None,
+        *,
+        offset: int,
+    ) -> Iterable[Chunk]:
+        """Explicit sizes win; otherwise adaptive chunks over a sequence."""
+        explicit = chunk_size or self._config.instance_chunk_size
         if explicit:
-            return explicit
-        if n_items is None:
-            return DEFAULT_STREAM_CHUNK_SIZE
+            return make_chunks(items, explicit)
+        if n_items is None or not isinstance(items, Sequence):
+            return make_chunks(items, plan.chunk_size or DEFAULT_STREAM_CHUNK_SIZE)
         if plan.strategy == "serial":
-            return max(1, n_items)
-        return default_chunk_size(n_items, plan.workers)
+            return make_chunks(items, max(1, n_items))
+        initial = plan.chunk_size or default_chunk_size(n_items, plan.workers)
+        recorder = ctx.recorder
+
+        def measured() -> tuple[int, float]:
+            counts = recorder.counts()
+            return int(counts["items"]) - offset, counts["compute_s"]
+
+        return AdaptiveChunks(
+            items,
+            workers=plan.workers,
+            initial_size=initial,
+            target_chunk_s=TARGET_CHUNK_S,
+            measured=measured,
+        )
 
     def _start_strategy(self, plan: _Plan) -> tuple[Strategy, _Plan]:
         try:
-            return self._strategy(plan.strategy, plan.workers), plan
+            started = time.perf_counter()
+            strategy = self._strategy(plan.strategy, plan.workers)
         except StrategyUnavailableError as exc:
             if not (
                 self._config.strategy == "auto" or self._config.force_serial_on_failure
@@ -336,42 +452,53 @@ class ParallelExecutor:
             warnings.warn(reason, FallbackWarning, stacklevel=4)
             fallback = _Plan("serial", 1, None, reason, plan.nested)
             return self._strategy("serial", 1), fallback
+        elapsed = time.perf_counter() - started
+        if elapsed > 0.005:  # a real start, not a warm pool: remember its cost
+            _STARTUP_S[plan.strategy] = elapsed
+        return strategy, plan
 
-    def _run(
+    def _auto(
         self,
-        plan: _Plan,
         fn: Callable[..., Any],
         items: Iterable[Any],
         extra_args: tuple[Any, ...],
         chunk_size: int | None,
         n_items: int | None,
     ) -> Iterator[Any]:
+        """Probe the first items serially (results kept), choose, run the rest."""
+        serial = self._strategy("serial", 1)
+        probe: list[Any] = []
+        item_cost_s = None
+        first: Any = _NO_ITEM
+        if n_items is not None and isinstance(items, Sequence) and n_items:
+            first = items[0]
+            local_args = self._args_for(serial, extra_args)
+            started = time.perf_counter()
+            while len(probe) < min(PROBE_MAX_ITEMS, n_items):
+                probe.append(fn(items[len(probe)], *local_args))
+                if time.perf_counter() - started >= PROBE_BUDGET_S:
+                    break
+            item_cost_s = (time.perf_counter() - started) / len(probe)
+        remaining = n_items - len(probe) if n_items is not None else None
+        plan = self._choose(fn, remaining, item_cost_s, first)
         strategy, used = self._start_strategy(plan)
-        recorder = self.telemetry.recorder(
-            strategy=used.strategy,
-            reason=used.reason,
-            workers=used.workers,
-            start_method=strategy.start_method,
-            nested=used.nested,
-            thread_cap=strategy.thread_cap,
+        ctx = self._context(strategy, used, requested=plan)
+        if probe:
+            ctx.recorder.add(
+                items=len(probe), chunks=1, compute_s=item_cost_s * len(probe)
+            )
+        rest = items[len(probe) :] if probe else items
+        chunks = self._chunks(used, ctx, rest, chunk_size, remaining, offset=len(probe))
+        yield from probe
+        yield from self._stream(
+            strategy, fn, chunks, self._args_for(strategy, extra_args), ctx
         )
-        if used is not plan:
-            recorder.record_fallback(used.reason, requested=plan.strategy)
-        ctx = RunContext(
-            recorder,
-            timeout_s=self._config.timeout_s,
-            cancel_grace_s=self._config.cancel_grace_s,
-        )
-        size = self._chunk_size(used, chunk_size, n_items)
-        if strategy.IN_PROCESS and self._payloads is not None:
-            extra_args = self._payloads.resolve_local(extra_args)
-        return self._stream(strategy, fn, make_chunks(items, size), extra_args, ctx)
 
     def _stream(
         self,
         strategy: Strategy,
         fn: Callable[..., Any],
-        chunks: Iterable[Any],
+        chunks: Iterable[Chunk],
         extra_args: tuple[Any, ...],
         ctx: RunContext,
     ) -> Iterator[Any]:

@@ -117,6 +117,11 @@ class RunRecorder:
                     raise KeyError(msg)
                 self._counts[name] += amount
 
+    def counts(self) -> dict[str, float]:
+        """Return a snapshot of the counters (any thread)."""
+        with self._lock:
+            return dict(self._counts)
+
     def record_fallback(self, reason: str, **detail: Any) -> None:
         """Note that part of the run ran other than asked, and why."""
         event = {"reason": reason, **detail}

@@ -81,3 +81,46 @@ def test_ordered_buffer_refuses_duplicates() -> None:
     list(buffer.pop_ready())
     with pytest.raises(RuntimeError, match="twice"):
         buffer.put(0, "b")
+
+
+def _adaptive(
+    n_items: int, per_item_s: float, workers: int = 2, initial: int = 4
+) -> list[int]:
+    from engine._chunks import AdaptiveChunks
+
+    done = {"items": 0}
+
+    def measured() -> tuple[int, float]:
+        return done["items"], done["items"] * per_item_s
+
+    chunks = AdaptiveChunks(
+        list(range(n_items)),
+        workers=workers,
+        initial_size=initial,
+        target_chunk_s=0.02,
+        measured=measured,
+    )
+    flat = []
+    for chunk in chunks:
+        flat.extend(chunk.items)
+        done["items"] += len(chunk)  # as if each chunk finished before the next
+    assert flat == list(range(n_items))
+    return chunks.sizes
+
+
+def test_adaptive_chunks_grow_when_fast_and_shrink_at_the_end() -> None:
+    sizes = _adaptive(10_000, per_item_s=1e-6)
+    assert sizes[1] > sizes[0]  # grew after the first measurement
+    assert max(sizes) <= sizes[0] * 4 ** (len(sizes))
+    assert sizes[-1] < max(sizes)  # shrank towards the end
+    assert sizes[-1] == 1
+
+
+def test_adaptive_chunks_aim_at_target_duration() -> None:
+    sizes = _adaptive(2_000, per_item_s=0.01, initial=1)  # 10 ms items: 2 per chunk
+    assert max(sizes) == 2
+
+
+@pytest.mark.parametrize("n_items", [0, 1, 5, 97])
+def test_adaptive_chunks_cover_everything(n_items: int) -> None:
+    _adaptive(n_items, per_item_s=1e-4)

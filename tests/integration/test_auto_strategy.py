@@ -1,0 +1,76 @@
+"""The auto strategy end to end: probe kept, identity, tiny work stays serial."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import pytest
+from _tasks import shuffled_sleep, square
+
+from engine import ParallelConfig, ParallelExecutor
+from engine.executor import releases_gil
+
+
+class Counter:
+    """Counts calls in the caller (serial/threads only)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, x: int) -> int:
+        self.calls.append(x)
+        return x * 2
+
+
+def test_probe_results_are_kept_not_recomputed() -> None:
+    counter = Counter()
+    config = ParallelConfig(
+        strategy="auto", prefer=("threads", "serial"), min_batch_size=1
+    )
+    with ParallelExecutor(config) as ex:
+        assert ex.map(counter, range(200)) == [x * 2 for x in range(200)]
+    assert sorted(counter.calls) == list(range(200))
+
+
+def test_tiny_work_stays_serial() -> None:
+    fn = functools.partial(time.sleep)
+    with ParallelExecutor(ParallelConfig(strategy="auto", min_batch_size=1)) as ex:
+        ex.map(lambda _: fn(0.001), range(5))
+        run = ex.telemetry.summary()["runs"][-1]
+    assert run["strategy"] == "serial"
+    assert run["items"] == 5
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_auto_matches_serial(chunk_size: int | None) -> None:
+    fn = functools.partial(shuffled_sleep, seed=11)
+    expected = [fn(i) for i in range(120)]
+    config = ParallelConfig(
+        strategy="auto", prefer=("threads", "serial"), min_batch_size=1
+    )
+    with ParallelExecutor(config) as ex:
+        assert ex.map(fn, range(120), chunk_size=chunk_size) == expected
+        assert list(ex.imap(square, iter(range(50)))) == [square(i) for i in range(50)]
+        summary = ex.telemetry.summary()
+    assert summary["items"] == 170
+    assert all(run["reason"] for run in summary["runs"])
+
+
+def test_releases_gil_detection() -> None:
+    def plain(x: Any) -> Any:
+        return x
+
+    marked = functools.partial(plain)
+    assert not releases_gil(plain)
+    plain.releases_gil = True  # type: ignore[attr-defined]
+    assert releases_gil(marked)
+
+    numba = pytest.importorskip("numba")
+
+    @numba.njit(nogil=True)
+    def kernel(x: float) -> float:
+        return x + 1.0
+
+    assert releases_gil(kernel)
