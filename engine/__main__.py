@@ -1,4 +1,4 @@
-"""The command line: ``python -m engine info`` (and, later, ``ablate``)."""
+"""The command line: ``python -m engine info`` and ``python -m engine ablate``."""
 
 from __future__ import annotations
 
@@ -77,6 +77,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "info", help="show configuration, strategies, CPUs, versions"
     )
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    ablate = commands.add_parser(
+        "ablate",
+        help="run the BENCH.md workloads across strategies (ratios, JSON, plot)",
+    )
+    ablate.add_argument(
+        "--quick", action="store_true", help="fewer rounds, smaller data"
+    )
+    ablate.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    ablate.add_argument("--plot", metavar="PATH", help="draw a PNG (needs matplotlib)")
+    ablate.add_argument(
+        "--workloads",
+        default="W1,W2,W3,W4,W5,W6,W7",
+        help="comma-separated workload ids (default: all)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
@@ -85,6 +99,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(data, indent=2))
             else:
                 _print_info(data)
+        elif args.command == "ablate":
+            from engine import _ablate
+
+            ids = [
+                part.strip().upper()
+                for part in args.workloads.split(",")
+                if part.strip()
+            ]
+            return _ablate.run(
+                workload_ids=ids,
+                quick=args.quick,
+                json_path=args.json,
+                plot_path=args.plot,
+            )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

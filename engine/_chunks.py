@@ -116,6 +116,8 @@ MAX_GROWTH: Final = 4
 # The tail cap keeps at least this many chunks per worker in what remains,
 # so chunks shrink towards the end and workers finish together.
 TAIL_CHUNKS_PER_WORKER: Final = 2
+# ... but never below 1/8 of the target duration's worth of items.
+TAIL_FLOOR_DIVISOR: Final = 8
 
 
 class AdaptiveChunks:
@@ -146,11 +148,15 @@ class AdaptiveChunks:
     def _next_size(self, remaining: int) -> int:
         done, compute_s = self._measured()
         size = self._size
+        floor = 1
         if done > 0 and compute_s > 0:
             wanted = max(1, int(self._target_s * done / compute_s))
             size = min(wanted, size * MAX_GROWTH)
+            # Items so cheap that a chunk of them takes a fraction of the
+            # target finish together anyway: do not split them further.
+            floor = max(1, wanted // TAIL_FLOOR_DIVISOR)
         tail_cap = math.ceil(remaining / (TAIL_CHUNKS_PER_WORKER * self._workers))
-        self._size = max(1, min(size, tail_cap))
+        self._size = max(1, min(size, max(tail_cap, floor)))
         return self._size
 
     def __iter__(self) -> Iterator[Chunk]:

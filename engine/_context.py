@@ -34,8 +34,22 @@ def _cgroup_cpu_limit() -> float | None:
     return None
 
 
+# (pid, count): reading cgroup files costs ~0.1 ms and auto asks on every run;
+# the pid check recomputes it in a forked child, whose affinity may differ.
+_CPU_CACHE: list[tuple[int, int]] = []
+
+
 def usable_cpu_count() -> int:
     """Return the CPUs this process may use: affinity, then cgroup quota."""
+    pid = os.getpid()
+    if _CPU_CACHE and _CPU_CACHE[0][0] == pid:
+        return _CPU_CACHE[0][1]
+    count = _measure_cpu_count()
+    _CPU_CACHE[:] = [(pid, count)]
+    return count
+
+
+def _measure_cpu_count() -> int:
     try:
         count = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

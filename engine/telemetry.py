@@ -56,9 +56,12 @@ class RunSummary:
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""
-        out = dataclasses.asdict(self)
+        out = {name: getattr(self, name) for name in _SUMMARY_FIELDS}
         out["fallbacks"] = [dict(item) for item in self.fallbacks]
         return out
+
+
+_SUMMARY_FIELDS: Final = tuple(item.name for item in dataclasses.fields(RunSummary))
 
 
 @final
@@ -79,11 +82,13 @@ class RunRecorder:
         nested: bool = False,
         thread_cap: int | None = None,
         emit: Callable[[dict[str, Any]], None] | None = None,
+        wants_events: Callable[[], bool] | None = None,
     ) -> None:
         self.run_id = next(_run_ids)
         self._lock = threading.Lock()
         self._started = time.perf_counter()
         self._emit = emit
+        self._wants_events = wants_events
         self.strategy = strategy
         self.reason = reason
         self.workers = workers
@@ -139,6 +144,12 @@ class RunRecorder:
         if self._emit is not None:
             self._emit({"event": kind, "run_id": self.run_id, **payload})
 
+    def wants_events(self) -> bool:
+        """Return True if someone listens (a callback, or DEBUG logging)."""
+        return self._emit is not None and (
+            self._wants_events is None or self._wants_events()
+        )
+
     def finish(self, status: str) -> RunSummary:
         """Freeze the counters into a ``RunSummary`` (idempotent)."""
         with self._lock:
@@ -173,7 +184,8 @@ class RunRecorder:
                 thread_cap=self.thread_cap,
                 status=status,
             )
-        self.emit("run_finished", summary=self.summary.as_dict())
+        if self.wants_events():
+            self.emit("run_finished", summary=self.summary.as_dict())
         return self.summary
 
 
@@ -219,15 +231,20 @@ class Telemetry:
         except Exception:  # a user's callback must not break the run
             logger.exception("telemetry callback %r failed", self.callback)
 
+    def wants_events(self) -> bool:
+        """Return True if events have a listener (callback or DEBUG log)."""
+        return self.callback is not None or logger.isEnabledFor(logging.DEBUG)
+
     def recorder(self, **kwargs: Any) -> RunRecorder:
         """Start a ``RunRecorder`` wired to this sink."""
-        recorder = RunRecorder(emit=self.emit, **kwargs)
-        recorder.emit(
-            "run_started",
-            strategy=recorder.strategy,
-            reason=recorder.reason,
-            workers=recorder.workers,
-        )
+        recorder = RunRecorder(emit=self.emit, wants_events=self.wants_events, **kwargs)
+        if self.wants_events():
+            recorder.emit(
+                "run_started",
+                strategy=recorder.strategy,
+                reason=recorder.reason,
+                workers=recorder.workers,
+            )
         return recorder
 
     def add(self, summary: RunSummary) -> None:

@@ -47,15 +47,27 @@ def strategy_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+# find_spec walks sys.path (~0.1 ms a name); auto asks on every run, so the
+# answers are kept for the life of the process.
+_FOUND: dict[str, bool] = {}
+
+
+def _importable(module: str) -> bool:
+    found = _FOUND.get(module)
+    if found is None:
+        found = _FOUND[module] = importlib.util.find_spec(module) is not None
+    return found
+
+
 def unavailable_reason(name: str) -> str | None:
     """Return why strategy ``name`` cannot be used here, or ``None``."""
     entry = _REGISTRY.get(name)
     if entry is None:
         return f"unknown strategy {name!r}; known: {', '.join(_REGISTRY)}"
     for dependency in entry.requires:
-        if importlib.util.find_spec(dependency) is None:
+        if not _importable(dependency):
             return f"{dependency} is not installed; {entry.install}"
-    if importlib.util.find_spec(entry.module) is None:
+    if not _importable(entry.module):
         return f"{entry.module} is not part of this build"
     return None
 
