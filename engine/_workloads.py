@@ -51,6 +51,8 @@ def config_available(name: str) -> str | None:
     fields = STRATEGY_CONFIGS.get(name)
     if fields is None:
         return f"unknown configuration {name!r}"
+    if fields["strategy"] == "auto":
+        return None
     return strategies.unavailable_reason(fields["strategy"])
 
 
