@@ -37,6 +37,7 @@ from engine.errors import (
     RunTimeoutError,
     StrategyUnavailableError,
 )
+from engine.forksafe import register_fork_reset
 from engine.strategies.base import RunContext, Strategy
 from engine.telemetry import Telemetry
 
@@ -131,6 +132,22 @@ class ParallelExecutor:
         self._payloads: PayloadStore | None = None
         self._active: set[RunContext] = set()
         self.telemetry = Telemetry(callback=config.telemetry)
+        # A forked child must not drive its parent's pools, nor count its runs.
+        register_fork_reset(self)
+
+    def forksafe_reset(self) -> None:
+        """Forget the parent's workers, payloads and runs (forked child only).
+
+        The child's copy keeps its configuration and state; its next run
+        starts its own strategy. The parent's processes and segments stay the
+        parent's to close (the payload store resets its ownership itself).
+        """
+        self._lock = threading.Lock()
+        self._strategies = {}
+        self._unavailable = {}
+        self._payloads = None
+        self._active = set()
+        self.telemetry = Telemetry(callback=self._config.telemetry)
 
     # -- lifecycle -------------------------------------------------------------
 

@@ -117,13 +117,29 @@ def _own_segments() -> set[str]:
     return found
 
 
+# Long-lived per-process helpers, started once and kept by design: the
+# multiprocessing (and loky) resource tracker. Everything else must go.
+_HELPER_MARKERS = ("resource_tracker",)
+
+
+def _is_helper(process: object) -> bool:
+    import psutil
+
+    try:
+        cmdline = " ".join(process.cmdline())  # type: ignore[attr-defined]
+    except psutil.Error:
+        return False
+    return any(marker in cmdline for marker in _HELPER_MARKERS)
+
+
 def _children() -> set[int]:
     import psutil
 
     try:
-        return {child.pid for child in psutil.Process().children(recursive=True)}
+        children = psutil.Process().children(recursive=True)
     except psutil.Error:
         return set()
+    return {child.pid for child in children if not _is_helper(child)}
 
 
 def _engine_threads() -> set[str]:

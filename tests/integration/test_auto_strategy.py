@@ -74,3 +74,27 @@ def test_releases_gil_detection() -> None:
         return x + 1.0
 
     assert releases_gil(kernel)
+
+
+def test_forked_child_forgets_parent_runs_and_pools() -> None:
+    import os
+
+    config = ParallelConfig(strategy="threads", max_workers=2, min_batch_size=1)
+    with ParallelExecutor(config) as ex:
+        ex.map(square, range(10))
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: the parent's runs and thread pool are not ours
+            try:
+                runs = ex.telemetry.summary()["run_count"]
+                result = ex.map(square, range(10))
+                ok = runs == 0 and result == [square(i) for i in range(10)]
+                os.write(write_end, b"1" if ok else b"0")
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        _, status = os.waitpid(pid, 0)
+        answer = os.read(read_end, 1)
+        os.close(read_end)
+        assert answer == b"1"
+        assert ex.telemetry.summary()["run_count"] == 1
