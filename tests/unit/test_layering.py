@@ -25,6 +25,7 @@ LAYERS = {
     "engine._chunks": 1,
     "engine.forksafe": 1,
     "engine.payload": 2,
+    "engine._shm": 2,
     "engine._worker": 2,
     "engine._supervisor_main": 2,
     "engine.supervisor": 3,
