@@ -24,7 +24,6 @@ from engine._workloads import (
     STRATEGY_CONFIGS,
     Workload,
     ce_installed,
-    config_available,
     generic_workloads,
 )
 
@@ -70,7 +69,7 @@ def measure(
     skipped = {}
     configs = []
     for name in workload.configs:
-        reason = config_available(name)
+        reason = workload.unavailable_reason(name)
         if reason is None:
             configs.append(name)
         else:

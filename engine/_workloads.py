@@ -89,6 +89,10 @@ class Workload:
     executors: dict[str, ParallelExecutor] = field(default_factory=dict)
     pools: dict[str, Any] = field(default_factory=dict)
 
+    def unavailable_reason(self, name: str) -> str | None:
+        """Return why configuration ``name`` cannot run here, or ``None``."""
+        return config_available(name)
+
     def setup(self, quick: bool) -> None:
         """Build the data (not timed)."""
         self.state = self.build(quick)
