@@ -1,0 +1,1 @@
+"""Explainer integrations: adapters that run explainers' work on the engine."""

@@ -1,0 +1,312 @@
+"""Build CE's own CalibratedExplanations from chunk results, in the caller.
+
+calibrated-explanations (CE) keeps a factual explanation as nested Python
+containers: per instance, one dict per field (predict, low, high,
+current_bin, counts, fractions, rule_values) keyed by feature. This module
+rebuilds exactly those containers from the chunk arrays, and lets CE create
+the objects: ``initialize_explanation`` makes the collection and
+``FactualExplanation`` each explanation and its rules.
+
+:class:`FactualAssembler` does this chunk by chunk, so a caller streaming
+results (``ParallelExecutor.imap``) builds explanations while workers are
+still computing; the CE objects are ~40 % of the end-to-end time on W2-W3.
+It repeats the loop of CE's ``CalibratedExplanations.finalize`` (a
+``FactualExplanation`` per instance, in index order) because ``finalize``
+needs every instance at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterator, Sequence
+from time import time
+from typing import Any, final
+
+import numpy as np
+
+import kernels
+
+from ._ce_state import UnsupportedCaseError
+from ._factual import FactualPlan
+
+__all__ = ["FactualAssembler", "assemble"]
+
+_BINNED_KEYS = (
+    "predict",
+    "low",
+    "high",
+    "current_bin",
+    "rule_values",
+    "counts",
+    "fractions",
+)
+_BOUNDS = ("predict", "low", "high")
+
+
+def _feature_values(explainer: Any) -> dict[int, Any]:
+    """CE's feature_task lookup of each feature's value list."""
+    values = getattr(explainer, "feature_values", {})
+    out: dict[int, Any] = {}
+    for f in range(explainer.num_features):
+        entry = values.get(f, []) if isinstance(values, dict) else values[f]
+        out[f] = entry if isinstance(entry, (list, tuple, np.ndarray)) else list(entry)
+    return out
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while CE objects are created.
+
+    Building explanations allocates many small containers while the
+    explainer's deep copies are alive, so generation-2 collections keep
+    re-walking them: pausing took assembly from 1.19 s to 0.75 s on W3 and
+    from 0.22 s to 0.16 s on W1 (median of 5). Nothing is leaked; the
+    collector runs again on exit. The previous state is restored.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _first_equal(keys: np.ndarray) -> np.ndarray:
+    """Per column, the smallest row index holding an equal key (vectorised).
+
+    CE computes one lesser (greater, covered) value array per distinct bound
+    and shares it between the instances with that bound; this finds, for
+    every instance, the instance whose array to share.
+    """
+    n = keys.shape[0]
+    order = np.argsort(keys, axis=0, kind="stable")
+    ordered = np.take_along_axis(keys, order, axis=0)
+    starts = np.zeros(keys.shape, dtype=np.int64)
+    starts[1:] = np.where(ordered[1:] != ordered[:-1], np.arange(1, n)[:, None], 0)
+    starts = np.maximum.accumulate(starts, axis=0)
+    first = np.empty_like(order)
+    np.put_along_axis(first, order, np.take_along_axis(order, starts, axis=0), axis=0)
+    return first
+
+
+@final
+class FactualAssembler:
+    """Build CE's CalibratedExplanations as chunk results arrive.
+
+    Parameters
+    ----------
+    plan : FactualPlan
+        The plan :func:`prepare` returned.
+
+    Notes
+    -----
+    Creating the assembler runs CE's ``initialize_explanation`` (a deep copy
+    of the explainer, 10-45 ms on W1-W3): create it after dispatching the
+    chunks to overlap that with the workers. Called from the caller's thread
+    only.
+    """
+
+    def __init__(self, plan: FactualPlan) -> None:
+        from calibrated_explanations.core.prediction_helpers import (
+            initialize_explanation,
+        )
+
+        batch = plan.batch
+        self._plan = plan
+        self._n, self._num_features = batch.x.shape
+        with _gc_paused():
+            self._collection = initialize_explanation(
+                plan.explainer,
+                plan.x,
+                batch.low_high_percentiles,
+                plan.threshold,
+                plan.bins,
+                plan.features_to_ignore,
+            )
+        if self._collection.is_alternative():
+            reason = "the explainer holds an alternative-explanation discretizer"
+            raise UnsupportedCaseError(reason)
+        self._start_s = time()
+        self._kinds = batch.feature_kind.tolist()
+        self._feature_values = _feature_values(plan.explainer)
+        self._owners = (
+            _first_equal(batch.lower).tolist(),
+            _first_equal(batch.upper).tolist(),
+            _first_equal(plan.bound_pairs).tolist(),
+        )
+        self._shared: dict[tuple[int, int, int], np.ndarray] = {}
+        self._binned: dict[str, list[Any]] = {
+            key: [None] * self._n for key in _BINNED_KEYS
+        }
+        self._weights: dict[str, list[Any]] = {key: [None] * self._n for key in _BOUNDS}
+        self._predict: dict[str, list[Any]] = {key: [None] * self._n for key in _BOUNDS}
+        self._explanations: list[Any] = [None] * self._n
+
+    def _values(self, side: int, f: int, owner: int) -> np.ndarray:
+        """The shared value array of ``side`` for feature f, owned by ``owner``."""
+        key = (side, f, owner)
+        array = self._shared.get(key)
+        if array is None:
+            batch = self._plan.batch
+            if side == kernels.COVERED:
+                owner = int(self._plan.bound_pairs[owner, f])
+            size = batch.n_values[owner, f, side]
+            array = self._shared[key] = batch.values[owner, f, side, :size]
+        return array
+
+    def _rule_values(self, i: int, x_row: list[Any]) -> dict[int, Any]:
+        """CE's rule_values of instance i: (value arrays, x_f, x_f) per feature."""
+        n_values = self._plan.batch.n_values[i].tolist()
+        lower_owner, upper_owner, pair_owner = (o[i] for o in self._owners)
+        out: dict[int, Any] = {}
+        for f, kind in enumerate(self._kinds):
+            if kind != kernels.NUMERIC:
+                out[f] = (self._feature_values[f], x_row[f], x_row[f])
+                continue
+            arrays = []
+            if n_values[f][kernels.LESSER]:
+                arrays.append(self._values(kernels.LESSER, f, lower_owner[f]))
+            if n_values[f][kernels.GREATER]:
+                arrays.append(self._values(kernels.GREATER, f, upper_owner[f]))
+            # CE reports the covered values of instance j, the bound-pair number.
+            arrays.append(self._values(kernels.COVERED, f, pair_owner[f]))
+            out[f] = (arrays, x_row[f], x_row[f])
+        return out
+
+    def _binned_entry(
+        self, result: dict[str, Any], k: int, i: int
+    ) -> dict[str, dict[int, Any]]:
+        """CE's binned dicts of instance i (row k of a chunk result)."""
+        features = range(self._num_features)
+        sizes = result["n_binned"][k]
+        current = result["current_bin"][k]
+        in_range = (current >= 0) & (current < sizes)
+        sizes_list = sizes.tolist()
+        entry: dict[str, dict[int, Any]] = {}
+        for t, key in enumerate(_BOUNDS):
+            rows = result["binned"][t, k]
+            entry[key] = {
+                f: row[:s] for f, row, s in zip(features, rows, sizes_list, strict=True)
+            }
+        entry["counts"] = {
+            f: row[:s]
+            for f, row, s in zip(features, result["counts"][k], sizes_list, strict=True)
+        }
+        entry["fractions"] = {
+            f: row[:s]
+            for f, row, s in zip(
+                features,
+                result["fractions"][k],
+                (sizes - in_range).tolist(),
+                strict=True,
+            )
+        }
+        entry["current_bin"] = dict(zip(features, current, strict=True))
+        empty = np.array([], dtype=float)
+        for f, kind in enumerate(self._kinds):
+            if kind == kernels.IGNORED:
+                # CE stores row i of its perturbed predictions here (a CE quirk).
+                for t, key in enumerate(_BOUNDS):
+                    entry[key][f] = result["ignored_binned"][t, k]
+                entry["current_bin"][f] = -1
+                entry["counts"][f] = empty
+                entry["fractions"][f] = empty
+        return entry
+
+    def add(self, result: dict[str, Any]) -> None:
+        """Build the explanations of one :func:`explain_chunk` result.
+
+        Raises
+        ------
+        ValueError
+            If the result holds an instance already added or out of range.
+        """
+        from calibrated_explanations.explanations.explanation import FactualExplanation
+
+        rows = np.asarray(result["rows"]).tolist()
+        if any(not 0 <= i < self._n or self._explanations[i] is not None for i in rows):
+            msg = f"chunk rows {rows[:20]} repeat an instance or leave 0..{self._n - 1}"
+            raise ValueError(msg)
+        with _gc_paused():
+            self._add(result, rows, FactualExplanation)
+
+    def _add(self, result: dict[str, Any], rows: list[int], factual: Any) -> None:
+        collection = self._collection
+        batch = self._plan.batch
+        for k, i in enumerate(rows):
+            x_row = list(batch.x[i])
+            entry = self._binned_entry(result, k, i)
+            entry["rule_values"] = self._rule_values(i, x_row)
+            for key in _BINNED_KEYS:
+                self._binned[key][i] = entry[key]
+            for t, key in enumerate(_BOUNDS):
+                self._weights[key][i] = result["weights"][t, k].copy()
+                self._predict[key][i] = result["feature_predict"][t, k].copy()
+            # The body of CE's CalibratedExplanations.finalize, for instance i.
+            self._explanations[i] = factual(
+                collection,
+                i,
+                self._plan.x[i],
+                self._binned,
+                self._weights,
+                self._predict,
+                self._plan.prediction,
+                collection.y_threshold,
+                instance_bin=collection.bins[i]
+                if collection.bins is not None
+                else None,
+                condition_source=collection.condition_source,
+            )
+
+    def finish(self) -> Any:
+        """Return the CalibratedExplanations once every instance was added.
+
+        Raises
+        ------
+        ValueError
+            If some instance has no result.
+        """
+        missing = [i for i, e in enumerate(self._explanations) if e is None]
+        if missing:
+            msg = f"no chunk result for instances {missing[:20]}; add every chunk first"
+            raise ValueError(msg)
+        elapsed_s = time() - self._start_s
+        collection = self._collection
+        for explanation in self._explanations:
+            explanation.explain_time = elapsed_s / self._n
+        collection.explanations.extend(self._explanations)
+        collection.total_explain_time = time() - self._plan.start_time_s
+        explainer = self._plan.explainer
+        explainer.latest_explanation = collection
+        explainer.last_explanation_mode = explainer.infer_explanation_mode()
+        return collection
+
+
+def assemble(plan: FactualPlan, results: Sequence[dict[str, Any]]) -> Any:
+    """Build CE's CalibratedExplanations from the chunk results.
+
+    Parameters
+    ----------
+    plan : FactualPlan
+        The plan :func:`prepare` returned.
+    results : sequence of dict
+        :func:`explain_chunk` results covering every instance once, in any
+        order.
+
+    Returns
+    -------
+    CalibratedExplanations
+        The collection CE's sequential factual plugin builds (before CE's
+        orchestrator turns it into a batch and back).
+
+    Raises
+    ------
+    ValueError
+        If the results do not cover the batch's instances exactly once.
+    """
+    assembler = FactualAssembler(plan)
+    for result in results:
+        assembler.add(result)
+    return assembler.finish()
