@@ -218,7 +218,19 @@ class Telemetry:
 
     callback: Callable[[dict[str, Any]], None] | None = None
     runs: list[RunSummary] = field(default_factory=list)
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def note_fallback(self, reason: str, **detail: Any) -> None:
+        """Record work that ran outside any run, other than asked (any thread).
+
+        Integrations use it when they hand a request back to the explainer's
+        own code path; ``summary()["fallbacks"]`` lists it with the runs'.
+        """
+        event = {"reason": reason, **detail}
+        with self._lock:
+            self.fallbacks.append(event)
+        self.emit({"event": "fallback", "run_id": None, **event})
 
     def emit(self, event: dict[str, Any]) -> None:
         """Log ``event`` at DEBUG and pass it to the callback."""
@@ -276,7 +288,9 @@ class Telemetry:
         out["utilisation"] = (
             min(1.0, out["compute_s"] / capacity) if capacity > 0 else 0.0
         )
-        out["fallbacks"] = [dict(item) for run in runs for item in run.fallbacks]
+        with self._lock:
+            outside = [dict(item) for item in self.fallbacks]
+        out["fallbacks"] = [dict(item) for run in runs for item in run.fallbacks] + outside
         out["runs"] = [run.as_dict() for run in runs]
         return out
 

@@ -13,6 +13,10 @@ The computation behind the CE plugin, split for parallel use:
   :class:`FactualAssembler` to build it chunk by chunk while workers run;
 - :func:`explain_factual_serial` -- all of it in one call, for tests.
 
+The plugin: ``enable(explainer, config)`` selects :data:`PLUGIN_ID` on a
+calibrated explainer and starts a warm executor, after which CE's own
+``explain_factual`` runs on the engine; ``disable(explainer)`` undoes it.
+
 CE is imported lazily, inside the functions that need it.
 """
 
@@ -26,17 +30,33 @@ from ._ce_state import (
     request_fields,
 )
 from ._factual import BatchState, FactualPlan, explain_chunk, prepare
+from ._plugin import (
+    PLUGIN_ID,
+    PLUGIN_META,
+    EngineFactualPlugin,
+    disable,
+    enable,
+    executor_of,
+    is_enabled,
+)
 from ._serial import explain_factual_serial
 
 __all__ = [
+    "PLUGIN_ID",
+    "PLUGIN_META",
     "BatchState",
+    "EngineFactualPlugin",
     "FactualAssembler",
     "FactualPlan",
     "ModelState",
     "UnsupportedCaseError",
     "assemble",
+    "disable",
+    "enable",
+    "executor_of",
     "explain_chunk",
     "explain_factual_serial",
+    "is_enabled",
     "is_supported",
     "prepare",
     "request_fields",

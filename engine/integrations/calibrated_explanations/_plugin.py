@@ -1,0 +1,336 @@
+"""The calibrated-explanations plugin: ``enable(explainer)`` and its executor.
+
+::
+
+    explainer.explain_factual(x)                      (CE's own entry point)
+      └─ CE plugin chain ─▶ EngineFactualPlugin.explain_batch(x, request)
+           ├─ predict bridge (CE's contract for non-core plugins)
+           ├─ unsupported case? ─▶ CE's own sequential path + FallbackWarning
+           ├─ prepare(): whole-batch predictions and kernel tables (caller)
+           ├─ executor.imap(explain_chunk, row chunks, model, batch)
+           │     model: shared once per executor (pickled once, unpickled
+           │     once per worker); batch: per call, big arrays in shared memory
+           └─ FactualAssembler: CE's own objects, built as chunks arrive
+
+CE builds a fresh plugin object (``type(obj)()``) for each explainer, so the
+executor cannot travel inside the plugin: ``enable`` records a binding
+(explainer -> executor) that the plugin finds through the explainer handle CE
+passes it. CE is imported lazily, inside the functions.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Final, final
+
+import numpy as np
+
+from engine.config import ParallelConfig
+from engine.errors import ConfigError, FallbackWarning
+from engine.executor import ParallelExecutor
+
+from ._assemble import FactualAssembler
+from ._ce_state import ModelState, UnsupportedCaseError, is_supported, request_fields
+from ._factual import explain_chunk, prepare
+from ._serial import unwrap_explainer
+
+__all__ = [
+    "PLUGIN_ID",
+    "PLUGIN_META",
+    "EngineFactualPlugin",
+    "disable",
+    "enable",
+    "is_enabled",
+]
+
+PLUGIN_ID: Final = "engine.factual"
+CE_SEQUENTIAL_ID: Final = "core.explanation.factual.sequential"
+
+PLUGIN_META: Final[dict[str, Any]] = {
+    "schema_version": 1,
+    "name": PLUGIN_ID,
+    "version": "0.1.0",
+    "provider": "ce-parallel-engine",
+    "modes": ("factual",),
+    "tasks": ("classification", "regression"),
+    "data_modalities": ("tabular",),
+    "dependencies": (),
+    "trusted": True,
+    "trust": {"trusted": True},
+    "capabilities": (
+        "explain",
+        "explanation:factual",
+        "task:classification",
+        "task:regression",
+    ),
+    "fallbacks": (CE_SEQUENTIAL_ID,),
+}
+
+# Row chunks per worker: enough that the caller builds CE's objects for early
+# chunks while workers compute later ones (the assembler is ~40 % of the
+# end-to-end time on W2-W3, ci/bench/ce.py), few enough that each chunk's one
+# model call stays large.
+CHUNKS_PER_WORKER: Final = 4
+MIN_ROWS_PER_CHUNK: Final = 4
+
+
+@dataclass
+class _Binding:
+    """What ``enable`` set up for one calibrated explainer."""
+
+    explainer: weakref.ref
+    executor: ParallelExecutor
+    model: ModelState | None = None
+    model_ref: Any = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def model_argument(self, model: ModelState) -> Any:
+        """Share ``model`` once per executor; reuse it while it is the same."""
+        with self.lock:
+            if self.model is not model:
+                self.model = model
+                self.model_ref = self.executor.share(model)
+            return self.model_ref
+
+
+_bindings: dict[int, _Binding] = {}
+_bindings_lock = threading.Lock()
+_registered = False
+
+
+def _register() -> None:
+    """Register and trust the plugin with CE's registry (once per process)."""
+    global _registered
+    with _bindings_lock:
+        if _registered:
+            return
+        import calibrated_explanations.plugins as ce_plugins
+
+        if ce_plugins.find_explanation_descriptor(PLUGIN_ID) is None:
+            ce_plugins.register_explanation_plugin(PLUGIN_ID, EngineFactualPlugin())
+        ce_plugins.mark_explanation_trusted(PLUGIN_ID)
+        _registered = True
+
+
+def _select(ce: Any, plugin_id: str | None) -> None:
+    """Make CE's plugin manager use ``plugin_id`` (None: CE's default)."""
+    manager = ce.plugin_manager
+    manager.explanation_plugin_overrides["factual"] = plugin_id
+    manager.clear_explanation_plugin_instances()
+    manager.clear_explanation_plugin_identifiers()
+    manager.initialize_chains()
+
+
+def _calibrated(explainer: Any) -> Any:
+    ce = unwrap_explainer(explainer)
+    if not hasattr(ce, "prediction_orchestrator") or not hasattr(ce, "plugin_manager"):
+        msg = (
+            f"enable() needs a calibrated explainer; got {type(explainer).__name__}. "
+            "Call fit() and calibrate() first (WrapCalibratedExplainer), or pass a "
+            "CalibratedExplainer."
+        )
+        raise ConfigError(msg)
+    return ce
+
+
+def _close(key: int) -> None:
+    with _bindings_lock:
+        binding = _bindings.pop(key, None)
+    if binding is not None:
+        binding.executor.shutdown()
+
+
+def enable(explainer: Any, config: ParallelConfig | None = None) -> Any:
+    """Make ``explainer.explain_factual`` run on the engine.
+
+    Parameters
+    ----------
+    explainer : WrapCalibratedExplainer or CalibratedExplainer
+        Fitted and calibrated. A later ``calibrate()`` builds a new CE
+        explainer and drops the selection: call ``enable`` again.
+    config : ParallelConfig or None
+        The executor's configuration; ``None`` means
+        ``ParallelConfig.from_env()`` (``CE_PARALLEL``).
+
+    Returns
+    -------
+    explainer
+        The same object, for chaining.
+
+    Notes
+    -----
+    The executor starts now and stays warm across ``explain_factual`` calls;
+    it is closed by ``disable``, when the explainer is garbage-collected, or
+    at interpreter exit.
+    """
+    ce = _calibrated(explainer)
+    _register()
+    executor = ParallelExecutor(
+        config if config is not None else ParallelConfig.from_env()
+    )
+    executor.__enter__()
+    key = id(ce)
+    _close(key)  # enabling twice replaces the first executor
+    binding = _Binding(explainer=weakref.ref(ce), executor=executor)
+    with _bindings_lock:
+        _bindings[key] = binding
+    weakref.finalize(ce, _close, key)
+    try:
+        _select(ce, PLUGIN_ID)
+    except BaseException:
+        _close(key)
+        raise
+    return explainer
+
+
+def disable(explainer: Any) -> Any:
+    """Restore CE's default factual path and close the engine's executor."""
+    ce = _calibrated(explainer)
+    _close(id(ce))
+    _select(ce, None)
+    return explainer
+
+
+def is_enabled(explainer: Any) -> bool:
+    """Return True if ``enable`` is in force for ``explainer``."""
+    return _binding_of(unwrap_explainer(explainer)) is not None
+
+
+def executor_of(explainer: Any) -> ParallelExecutor | None:
+    """Return the executor ``enable`` started for ``explainer`` (telemetry)."""
+    binding = _binding_of(unwrap_explainer(explainer))
+    return None if binding is None else binding.executor
+
+
+def _binding_of(ce: Any) -> _Binding | None:
+    with _bindings_lock:
+        binding = _bindings.get(id(ce))
+    if binding is None or binding.explainer() is not ce:
+        return None
+    return binding
+
+
+def _binding_for_handle(handle: Any) -> tuple[Any, _Binding] | tuple[None, None]:
+    """Find the explainer behind CE's handle among the enabled ones."""
+    orchestrator = getattr(handle, "prediction_orchestrator", None)
+    with _bindings_lock:
+        bindings = list(_bindings.values())
+    for binding in bindings:
+        ce = binding.explainer()
+        if ce is not None and ce.prediction_orchestrator is orchestrator:
+            return ce, binding
+    return None, None
+
+
+def _row_chunks(n_rows: int, config: ParallelConfig, workers: int) -> list[np.ndarray]:
+    size = config.instance_chunk_size or max(
+        MIN_ROWS_PER_CHUNK, math.ceil(n_rows / (max(1, workers) * CHUNKS_PER_WORKER))
+    )
+    return [
+        np.arange(start, min(n_rows, start + size)) for start in range(0, n_rows, size)
+    ]
+
+
+@final
+class EngineFactualPlugin:
+    """CE factual explanation plugin computing with the engine's kernels.
+
+    CE instantiates it with no arguments and calls ``initialize`` then
+    ``explain_batch``; the executor comes from ``enable``.
+    """
+
+    plugin_meta: Final = PLUGIN_META
+
+    def __init__(self) -> None:
+        self._context: Any = None
+
+    def supports_mode(self, mode: str, *, task: str) -> bool:
+        """Return True for factual explanations."""
+        return mode == "factual"
+
+    def initialize(self, context: Any) -> None:
+        """Keep CE's context (handles, predict bridge)."""
+        self._context = context
+
+    def explain_batch(self, x: Any, request: Any) -> Any:
+        """Explain ``x`` as CE's sequential plugin would, on the engine."""
+        from calibrated_explanations.plugins.builtins import collection_to_batch
+
+        context = self._context
+        if context is None:
+            msg = "the plugin was not initialised; CE calls initialize() first"
+            raise RuntimeError(msg)
+        handle = context.helper_handles["explainer"]
+        # CE requires non-core plugins to go through its calibrated predict bridge.
+        context.predict_bridge.predict(
+            x, mode="factual", task=context.task, bins=request.bins
+        )
+        ce, binding = _binding_for_handle(handle)
+        if binding is None:
+            return self._fallback(
+                x, request, None, "enable() was not called for this explainer"
+            )
+        supported, reason = is_supported(ce, x, request)
+        if not supported:
+            return self._fallback(x, request, binding, reason)
+        try:
+            plan = prepare(ce, x, **request_fields(request), model=binding.model)
+        except UnsupportedCaseError as exc:
+            return self._fallback(x, request, binding, exc.reason)
+        executor = binding.executor
+        model = binding.model_argument(plan.model)
+        n_rows = plan.batch.x.shape[0]
+        workers = executor.config.max_workers or _usable_cpus()
+        chunks = _row_chunks(n_rows, executor.config, workers)
+        if n_rows < executor.config.min_batch_size:
+            # Gating counts instances, as calibrated-explanations does; the
+            # kernels still run, in the caller.
+            results = iter([explain_chunk(np.arange(n_rows), plan.model, plan.batch)])
+        else:
+            results = executor.imap(
+                explain_chunk, chunks, model, plan.batch, chunk_size=1
+            )
+        assembler = None
+        for result in results:
+            if (
+                assembler is None
+            ):  # after dispatch: overlaps CE's deep copy with workers
+                assembler = FactualAssembler(plan)
+            assembler.add(result)
+        if assembler is None:
+            assembler = FactualAssembler(plan)
+        return collection_to_batch(assembler.finish())
+
+    def _fallback(
+        self, x: Any, request: Any, binding: _Binding | None, reason: str
+    ) -> Any:
+        """Run CE's own sequential path, saying why (never a wrong answer)."""
+        from calibrated_explanations.plugins.registry import find_explanation_descriptor
+
+        message = (
+            f"calibrated-explanations request not covered by the engine ({reason}); "
+            "ran CE's own sequential path"
+        )
+        warnings.warn(message, FallbackWarning, stacklevel=3)
+        if binding is not None:
+            binding.executor.telemetry.note_fallback(
+                message, integration="calibrated_explanations"
+            )
+        # CE's own default plugin, built and initialised as CE itself does.
+        descriptor = find_explanation_descriptor(CE_SEQUENTIAL_ID)
+        if descriptor is None:
+            msg = f"calibrated-explanations has no {CE_SEQUENTIAL_ID!r} plugin to fall back to"
+            raise RuntimeError(msg)
+        plugin = type(descriptor.plugin)()
+        plugin.initialize(self._context)
+        return plugin.explain_batch(x, request)
+
+
+def _usable_cpus() -> int:
+    from engine._context import usable_cpu_count
+
+    return usable_cpu_count()

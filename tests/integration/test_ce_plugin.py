@@ -1,0 +1,150 @@
+"""The calibrated-explanations plugin end to end: enable(), every strategy.
+
+The oracle is CE 1.0.2's own default path (``core.explanation.factual.sequential``)
+on the same explainer: every explanation's feature weights and predictions
+(predict/low/high) and its rules must be equal.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("calibrated_explanations")
+pytest.importorskip("sklearn")
+
+from sklearn.datasets import load_breast_cancer
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.model_selection import train_test_split
+
+from engine import ConfigError, FallbackWarning, ParallelConfig
+from engine.integrations.calibrated_explanations import (
+    PLUGIN_ID,
+    disable,
+    enable,
+    executor_of,
+    is_enabled,
+)
+
+N_TEST = 24
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, Any]:
+    x, y = load_breast_cancer(return_X_y=True)
+    x_train, x_test, y_train, _ = train_test_split(
+        x, y, test_size=100, random_state=0, stratify=y
+    )
+    x_proper, x_cal, y_proper, y_cal = train_test_split(
+        x_train, y_train, test_size=150, random_state=0, stratify=y_train
+    )
+    model = RandomForestClassifier(n_estimators=20, random_state=0, n_jobs=1)
+    model.fit(x_proper, y_proper)
+    return {"model": model, "x_cal": x_cal, "y_cal": y_cal, "x_test": x_test[:N_TEST]}
+
+
+def _explainer(data: dict[str, Any]) -> Any:
+    from calibrated_explanations import WrapCalibratedExplainer
+
+    wrapper = WrapCalibratedExplainer(data["model"])
+    wrapper.calibrate(data["x_cal"], data["y_cal"])
+    return wrapper
+
+
+def _assert_same(expected: Any, actual: Any) -> None:
+    assert len(expected.explanations) == len(actual.explanations)
+    for ref, ours in zip(expected.explanations, actual.explanations, strict=True):
+        for table in ("feature_weights", "feature_predict"):
+            for key in ("predict", "low", "high"):
+                np.testing.assert_allclose(
+                    getattr(ours, table)[key],
+                    getattr(ref, table)[key],
+                    rtol=0,
+                    atol=1e-9,
+                )
+        ref_rules, our_rules = ref.get_rules(), ours.get_rules()
+        assert our_rules["rule"] == ref_rules["rule"]
+        np.testing.assert_allclose(
+            our_rules["weight"], ref_rules["weight"], rtol=0, atol=1e-9
+        )
+        np.testing.assert_allclose(
+            our_rules["predict"], ref_rules["predict"], rtol=0, atol=1e-9
+        )
+
+
+def test_every_strategy_gives_ce_identical_explanations(
+    data: dict[str, Any], strategy_fields: dict[str, Any]
+) -> None:
+    wrapper = _explainer(data)
+    expected = wrapper.explain_factual(data["x_test"])
+    enable(wrapper, ParallelConfig(**{**strategy_fields, "min_batch_size": 1}))
+    try:
+        manager = wrapper.explainer.plugin_manager
+        for _ in range(2):  # the second call runs on a warm executor
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", FallbackWarning)
+                actual = wrapper.explain_factual(data["x_test"])
+            _assert_same(expected, actual)
+        assert manager.explanation_plugin_identifiers["factual"] == PLUGIN_ID
+        summary = executor_of(wrapper).telemetry.summary()
+        assert summary["items"] > 0
+        assert summary["fallbacks"] == []
+        if strategy_fields["strategy"] != "serial":
+            assert summary["strategy"] == strategy_fields["strategy"]
+    finally:
+        disable(wrapper)
+    assert not is_enabled(wrapper)
+
+
+def test_unsupported_request_falls_back_to_ce(data: dict[str, Any]) -> None:
+    x = data["x_test"][:6]
+    x_int = np.rint(x).astype(np.int64)  # the kernels take float64 only
+    reference = _explainer(data).explain_factual(x_int)
+    wrapper = _explainer(data)
+    enable(wrapper, ParallelConfig(strategy="threads", max_workers=2, min_batch_size=1))
+    try:
+        with pytest.warns(FallbackWarning, match="ran CE's own sequential path"):
+            actual = wrapper.explain_factual(x_int)
+        _assert_same(reference, actual)
+        fallbacks = executor_of(wrapper).telemetry.summary()["fallbacks"]
+        assert len(fallbacks) == 1
+        assert "int64" in fallbacks[0]["reason"]
+    finally:
+        disable(wrapper)
+
+
+def test_features_to_ignore_on_the_engine(data: dict[str, Any]) -> None:
+    x = data["x_test"][:8]
+    expected = _explainer(data).explain_factual(x, features_to_ignore=[0, 3])
+    wrapper = _explainer(data)
+    enable(wrapper, ParallelConfig(strategy="threads", max_workers=2, min_batch_size=1))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FallbackWarning)
+            _assert_same(
+                expected, wrapper.explain_factual(x, features_to_ignore=[0, 3])
+            )
+    finally:
+        disable(wrapper)
+
+
+def test_disable_restores_ce_default(data: dict[str, Any]) -> None:
+    wrapper = _explainer(data)
+    enable(wrapper, ParallelConfig(strategy="serial"))
+    executor = executor_of(wrapper)
+    disable(wrapper)
+    assert executor is not None
+    assert executor.state.value == "shut_down"
+    wrapper.explain_factual(data["x_test"][:3])
+    manager = wrapper.explainer.plugin_manager
+    assert manager.explanation_plugin_identifiers["factual"] != PLUGIN_ID
+
+
+def test_enable_needs_a_calibrated_explainer(data: dict[str, Any]) -> None:
+    from calibrated_explanations import WrapCalibratedExplainer
+
+    with pytest.raises(ConfigError, match="calibrate"):
+        enable(WrapCalibratedExplainer(data["model"]))
