@@ -183,7 +183,10 @@ def run_windowed(
                 try:
                     outcome = future.result(timeout=POLL_INTERVAL_S)
                 except timeout_errors:
-                    continue
+                    if not future.done():
+                        continue
+                    # Finished meanwhile, or fn itself raised TimeoutError.
+                    outcome = future.result(timeout=0)
                 break
             window.popleft()
             yield chunk, outcome

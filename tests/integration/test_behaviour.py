@@ -209,3 +209,19 @@ def test_unavailable_strategy_falls_back_when_asked(
         run = ex.telemetry.summary()["runs"][-1]
     assert run["strategy"] == "serial"
     assert run["fallbacks"][0]["requested"] == "threads"
+
+
+def _raise_timeout(x: int) -> int:
+    if x == 5:
+        raise TimeoutError("fn's own timeout")
+    return x
+
+
+def test_fn_raising_timeout_error_is_not_mistaken_for_waiting(
+    strategy_fields: dict[str, Any],
+) -> None:
+    with _executor(strategy_fields, timeout_s=30) as ex:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="fn's own timeout"):
+            ex.map(_raise_timeout, range(20), chunk_size=2)
+        assert time.monotonic() - started < 10
