@@ -290,7 +290,9 @@ class Telemetry:
         )
         with self._lock:
             outside = [dict(item) for item in self.fallbacks]
-        out["fallbacks"] = [dict(item) for run in runs for item in run.fallbacks] + outside
+        out["fallbacks"] = [
+            dict(item) for run in runs for item in run.fallbacks
+        ] + outside
         out["runs"] = [run.as_dict() for run in runs]
         return out
 

@@ -78,3 +78,62 @@ def exit_self(x: int, target: int = 3) -> int:
     if x == target:
         os._exit(7)
     return x
+
+
+# -- joblib and dask strategy tests (tests/integration/test_joblib.py, test_dask.py)
+
+
+def kill_in_worker(x: int, caller_pid: int, target: int = 3) -> int:
+    """SIGKILL the worker at item ``target``; a no-op in the caller (serial re-run)."""
+    if x == target and os.getpid() != caller_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def exit_in_worker(x: int, caller_pid: int, target: int = 3) -> int:
+    """``os._exit(7)`` in the worker at item ``target``; a no-op in the caller."""
+    if x == target and os.getpid() != caller_pid:
+        os._exit(7)
+    return x
+
+
+def sleep_in_worker(x: int, caller_pid: int, seconds: float = 30.0) -> int:
+    """Sleep ``seconds`` in one call (no cooperative check) unless in the caller."""
+    if os.getpid() != caller_pid:
+        time.sleep(seconds)
+    return x
+
+
+def _refuse_rebuild() -> None:
+    msg = "RebuildFails objects cannot be unpickled"
+    raise ValueError(msg)
+
+
+class RebuildFails:
+    """Pickles fine; unpickling it raises (a result the caller cannot load)."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_refuse_rebuild, ())
+
+
+def bad_result_at(x: int, target: int = 5) -> Any:
+    return RebuildFails() if x == target else x
+
+
+def unpicklable_result_at(x: int, target: int = 5) -> Any:
+    return threading.Lock() if x == target else x
+
+
+def joblib_inside(x: int) -> tuple[int, str]:
+    """Run joblib.Parallel inside a worker; report its sum and backend."""
+    from joblib import Parallel, delayed
+    from joblib.parallel import get_active_backend
+
+    backend = type(get_active_backend()[0]).__name__
+    values = Parallel(n_jobs=2)(delayed(square)(i) for i in range(x + 4))
+    return sum(values), backend
+
+
+def pid_and_id(_: Any, obj: Any) -> tuple[int, int]:
+    """The worker's pid and the identity of ``obj`` there."""
+    return os.getpid(), id(obj)

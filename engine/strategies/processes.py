@@ -1,0 +1,704 @@
+"""The processes strategy: chunks on worker processes owned by a supervisor.
+
+::
+
+    map thread (run)                          dispatcher thread        workers
+      payloads.dumps((fn, extra_args)) once ─▶ Run.fn_blob ── FUNC ──▶ (once per
+      encode chunks: plain -> pickle,           outbox ─── TASK ────▶  worker)
+        else payloads.dumps (big arrays           (<= 2 per worker)
+        -> shared memory, names -> supervisor)
+      Run.wait_for(k) ◀── outcomes ◀──────────── RESULT / ERROR / CANCELLED
+      decode in order, yield (chunk, results)    crash -> CRASHED outcome
+      crash: WorkerCrashedError, or re-run serially here
+      (force_serial_on_failure) with a FallbackWarning
+      error / cancel / timeout / close: Run.stop -> CANCEL, kill after grace
+
+The pool (a supervisor process and its workers, engine._supervisor_main)
+starts once, in ``start()``, and lives as long as the executor: a warm
+``map`` pays no start-up (DESIGN.md section 4). The map thread does all
+pickling and unpickling of user objects, so a strange result can never stall
+the dispatcher that serves every other map.
+"""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import os
+import pickle
+import reprlib
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Final, final
+
+from engine import payload as _payload
+from engine._chunks import Chunk, run_chunk
+from engine._context import (
+    process_support_problem,
+    resolve_start_method,
+    thread_cap,
+    worker_environment,
+)
+from engine._worker import (
+    RESULT_META,
+    WHOLE_LIST,
+    decode_results,
+    is_plain,
+    unpack_error,
+)
+from engine.errors import (
+    BrokenExecutorError,
+    CancelledError,
+    FallbackWarning,
+    PayloadError,
+    StrategyUnavailableError,
+    WorkerCrashedError,
+)
+from engine.forksafe import register_fork_reset, unregister_fork_reset
+from engine.strategies._dispatch import Dispatcher
+from engine.strategies._runs import Outcome, OutcomeKind, Outgoing, Run
+from engine.strategies.base import POLL_INTERVAL_S, RunContext, Strategy
+
+if TYPE_CHECKING:
+    from engine.config import ParallelConfig
+    from engine.payload import PayloadStore
+    from engine.telemetry import RunRecorder
+
+__all__ = ["ProcessesStrategy"]
+
+_RESULT: Final = OutcomeKind.RESULT
+_LOST: Final = OutcomeKind.LOST
+_META: Final = RESULT_META
+_WHOLE_LIST: Final = WHOLE_LIST
+
+# Chunks one map keeps outstanding (encoded and queued, at a worker, or
+# finished but not yet consumed): per worker, twice its depth (what it may
+# hold, engine.strategies._dispatch) plus two. This bounds memory for imap
+# over a huge stream while keeping every worker fed.
+OUTSTANDING_SLACK: Final = 2
+# Spawn with numpy and numba takes 0.6-0.9 s per worker here (BENCH.md);
+# a loaded CI machine can be ten times slower.
+START_TIMEOUT_S: Final = 60.0
+
+_REMEDY_OFF: Final = (
+    "set CE_PARALLEL=off (or ParallelConfig(strategy='serial'/'threads')) to run "
+    "without worker processes"
+)
+
+
+class _Phase(enum.Enum):
+    """The strategy's own life, around its pool's."""
+
+    NEW = "new"
+    STARTED = "started"
+    CLOSED = "closed"
+
+
+_PHASES: Final = {
+    _Phase.NEW: frozenset({_Phase.STARTED, _Phase.CLOSED}),
+    _Phase.STARTED: frozenset({_Phase.CLOSED}),
+    _Phase.CLOSED: frozenset(),
+}
+
+# Pools still open at interpreter exit are closed by one atexit hook
+# (FAULTS.md #18); SUPERVISOR-NOTES.md pitfall 5.
+_live: weakref.WeakSet[ProcessesStrategy] = weakref.WeakSet()
+_atexit_lock = threading.Lock()
+_atexit_installed = False
+
+
+def _close_live_pools() -> None:
+    for strategy in list(_live):
+        strategy.shutdown()
+
+
+def _install_atexit() -> None:
+    global _atexit_installed
+    with _atexit_lock:
+        if not _atexit_installed:
+            _atexit_installed = True
+            atexit.register(_close_live_pools)
+
+
+def _describe_exit(outcome: Outcome) -> str:
+    if outcome.signal_name is not None:
+        return f"killed by {outcome.signal_name}"
+    if outcome.exitcode is not None:
+        return f"exit code {outcome.exitcode}"
+    return "exit status unknown"
+
+
+@final
+class ProcessesStrategy(Strategy):
+    """Run chunks on supervised worker processes.
+
+    Parameters
+    ----------
+    config : ParallelConfig
+        ``start_method``, ``cancel_grace_s``, ``worker_max_tasks`` and
+        ``force_serial_on_failure`` are used here.
+    workers : int
+        Number of worker processes.
+    payloads : PayloadStore or None
+        The executor's store: functions, arguments and non-plain chunks are
+        pickled with it, so large arrays travel through shared memory.
+
+    Raises
+    ------
+    ConfigError
+        ``start_method`` is not available on this platform.
+    """
+
+    NAME: ClassVar[str] = "processes"
+    IN_PROCESS: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        config: ParallelConfig,
+        *,
+        workers: int,
+        payloads: PayloadStore | None = None,
+    ) -> None:
+        super().__init__(config, workers=workers, payloads=payloads)
+        self._start_method = resolve_start_method(config.start_method)
+        self._thread_cap = thread_cap(self.workers)
+        self._lock = threading.Lock()
+        self._phase = _Phase.NEW
+        self._dispatcher: Dispatcher | None = None
+        self._owner_pid = os.getpid()
+        self._own_payloads = payloads is None
+        self._names_lock = threading.Lock()
+        self._registered: set[str] = set()
+
+    # -- properties ---------------------------------------------------------------
+
+    @property
+    def start_method(self) -> str:
+        """How workers start: ``"fork"``, ``"spawn"`` or ``"forkserver"``."""
+        return self._start_method
+
+    @property
+    def thread_cap(self) -> int:
+        """BLAS/OpenMP/numba threads per worker: ``max(1, cpus // workers)``."""
+        return self._thread_cap
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def _move(self, target: _Phase) -> None:
+        # Called with self._lock held.
+        if target not in _PHASES[self._phase]:
+            msg = f"the processes strategy cannot move from {self._phase.value} to {target.value}"
+            raise BrokenExecutorError(msg)
+        self._phase = target
+
+    def start(self) -> None:
+        """Start the supervisor and its workers; idempotent.
+
+        Raises
+        ------
+        StrategyUnavailableError
+            Worker processes cannot run here or failed to start; the message
+            names the cause and the remedy (``CE_PARALLEL=off``).
+        """
+        with self._lock:
+            if self._phase is _Phase.STARTED:
+                return
+            if self._phase is _Phase.CLOSED:
+                msg = "this processes strategy was shut down; create a new executor"
+                raise BrokenExecutorError(msg)
+            self._check_can_start()
+            if self.payloads is None:
+                self.payloads = _payload.PayloadStore(
+                    threshold_bytes=self.config.shm_threshold_bytes
+                )
+            # SHM-NOTES.md P2: the tracker runs before the supervisor starts,
+            # so the supervisor and every worker share it.
+            _payload.ensure_tracker()
+            dispatcher = Dispatcher(
+                workers=self.workers,
+                start_method=self._start_method,
+                environment=worker_environment(self.workers),
+                worker_max_tasks=self.config.worker_max_tasks,
+            )
+            try:
+                dispatcher.start(START_TIMEOUT_S)
+            except StrategyUnavailableError as exc:
+                other = "spawn" if self._start_method != "spawn" else "forkserver"
+                msg = (
+                    f"the processes strategy cannot start worker processes "
+                    f"(start_method={self._start_method!r}): {exc}. Remedies: if a "
+                    "traceback above points at your main module, guard it with `if "
+                    '__name__ == "__main__":`; try another start method '
+                    f"(CE_PARALLEL=processes,start={other}); or {_REMEDY_OFF}."
+                )
+                raise StrategyUnavailableError(msg) from exc
+            self._dispatcher = dispatcher
+            self._move(_Phase.STARTED)
+        _live.add(self)
+        register_fork_reset(self)
+        _install_atexit()
+
+    def _check_can_start(self) -> None:
+        import multiprocessing.process
+
+        if getattr(multiprocessing.process.current_process(), "_inheriting", False):
+            # FAULTS.md #21: the multiprocessing spawn/forkserver bootstrap of
+            # a child is importing the main module, which creates an executor
+            # at import time; the same check as multiprocessing's own
+            # _check_not_importing_main.
+            msg = (
+                "a process pool was requested while this process is still being "
+                "started by multiprocessing (spawn or forkserver): the main module "
+                "creates an executor when it is imported. Put that code under "
+                '`if __name__ == "__main__":`, or ' + _REMEDY_OFF + "."
+            )
+            raise StrategyUnavailableError(msg)
+        problem = process_support_problem()
+        if problem is not None:
+            msg = f"worker processes cannot run here: {problem}; {_REMEDY_OFF}."
+            raise StrategyUnavailableError(msg)
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Stop the workers and the supervisor; idempotent, bounded in time.
+
+        ``wait`` is accepted for the interface: busy workers are killed at
+        once either way (their results could no longer be used), idle ones
+        exit on their own, and the call returns within a few seconds.
+        """
+        with self._lock:
+            if self._phase is _Phase.CLOSED:
+                return
+            self._move(_Phase.CLOSED)
+            dispatcher, self._dispatcher = self._dispatcher, None
+        _live.discard(self)
+        unregister_fork_reset(self)
+        if os.getpid() != self._owner_pid:
+            return  # a forked child: the pool is the parent's
+        if dispatcher is not None:
+            dispatcher.shutdown()
+        if self._own_payloads and self.payloads is not None:
+            self.payloads.close()
+
+    def forksafe_reset(self) -> None:
+        """In a forked child of the caller: let go of the parent's pool."""
+        self._lock = threading.Lock()  # a parent thread may have held the old one
+        self._names_lock = threading.Lock()
+        dispatcher, self._dispatcher = self._dispatcher, None
+        self._phase = _Phase.CLOSED
+        if dispatcher is not None:
+            dispatcher.forget_in_child()
+
+    def cancel(self) -> None:
+        """Cancel every map of this pool; stuck workers die after the grace."""
+        dispatcher = self._dispatcher
+        if dispatcher is not None:
+            dispatcher.cancel_all("Strategy.cancel() was called")
+
+    def _usable_dispatcher(self) -> Dispatcher:
+        if os.getpid() != self._owner_pid:
+            msg = (
+                f"this executor's process pool belongs to process {self._owner_pid}; "
+                "a forked child cannot use it. Create a new executor in the child."
+            )
+            raise BrokenExecutorError(msg)
+        self.start()
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            msg = "the processes strategy was shut down; create a new executor"
+            raise BrokenExecutorError(msg)
+        failure = dispatcher.failure()
+        if failure is not None:
+            error_type, reason = failure
+            raise error_type(reason)
+        return dispatcher
+
+    # -- pickling --------------------------------------------------------------------
+
+    def _store(self) -> PayloadStore:
+        store = self.payloads
+        assert store is not None, "start() creates the store"
+        return store
+
+    def _dump_function(
+        self, fn: Callable[..., Any], extra_args: tuple[Any, ...]
+    ) -> bytes:
+        """Pickle ``(fn, extra_args)`` once per map, before anything is sent."""
+        store = self._store()
+        try:
+            return store.dumps((fn, tuple(extra_args)))
+        except PayloadError:
+            raise
+        except Exception as exc:
+            raise self._unpicklable(fn, extra_args, exc) from exc
+
+    def _unpicklable(
+        self, fn: Callable[..., Any], extra_args: tuple[Any, ...], exc: Exception
+    ) -> pickle.PicklingError:
+        store = self._store()
+        what = "fn or one of its arguments"
+        for label, value in [
+            ("fn", fn),
+            *((f"extra argument {i}", a) for i, a in enumerate(extra_args)),
+        ]:
+            try:
+                store.dumps(value)
+            except Exception:  # this is the one
+                what = f"{label}={_describe(value)}"
+                break
+        msg = (
+            f"{what} cannot be pickled to send it to the worker processes: {exc}. "
+            "Define functions at module level, and pass only picklable arguments "
+            "(locks, open files, sockets and generators cannot travel); or use "
+            "strategy='threads', which needs no pickling. Nothing was dispatched."
+        )
+        return pickle.PicklingError(msg)
+
+    def _encode(self, chunk: Chunk) -> bytes:
+        items = chunk.items
+        if is_plain(items):
+            return pickle.dumps(items, protocol=5)
+        store = self._store()
+        try:
+            data = store.dumps(items)
+        except PayloadError:
+            raise
+        except Exception:
+            for offset, item in enumerate(items):
+                try:
+                    store.dumps(item)
+                except Exception as item_exc:
+                    msg = (
+                        f"item {chunk.start + offset} ({_describe(item)}) cannot be "
+                        f"pickled to send it to the worker processes: {item_exc}. Pass "
+                        "picklable items, or use strategy='threads'."
+                    )
+                    raise pickle.PicklingError(msg) from item_exc
+            raise
+        self._register_segments()
+        return data
+
+    def _register_segments(self) -> None:
+        """Tell the supervisor every new segment: its crash net (FAULTS.md #7)."""
+        dispatcher = self._dispatcher
+        if dispatcher is None or self.payloads is None:
+            return
+        names = self.payloads.segment_names()
+        with self._names_lock:
+            new = [name for name in names if name not in self._registered]
+            self._registered.update(new)
+        if new:
+            dispatcher.register_segments(new)
+
+    # -- running -----------------------------------------------------------------------
+
+    def run(
+        self,
+        fn: Callable[..., Any],
+        chunks: Iterable[Chunk],
+        extra_args: tuple[Any, ...],
+        ctx: RunContext,
+    ) -> Iterator[tuple[Chunk, list[Any]]]:
+        """Run every chunk on the workers; yield ``(chunk, results)`` in order.
+
+        Called from the map thread. Raises the error of ``fn`` with its own
+        type (remote traceback as ``__cause__``), ``WorkerCrashedError``,
+        ``SupervisorLostError``, ``CancelledError`` or ``RunTimeoutError``;
+        whatever ends the run early cancels its other chunks.
+        """
+        dispatcher = self._usable_dispatcher()
+        began = time.perf_counter()
+        # FAULTS.md #4: pickled here, once per map, before any chunk is
+        # sent: an unpicklable fn or argument is named and nothing runs.
+        fn_blob = self._dump_function(fn, extra_args)
+        self._register_segments()
+        run = dispatcher.open_run(fn_blob, ctx.recorder, ctx.cancel_grace_s)
+        counts = _Counts()
+        counts.dispatch_overhead_s += time.perf_counter() - began
+        pending: dict[int, Chunk] = {}
+        # chunk index -> a RESULT outcome not yet consumed, or the results of
+        # a serial re-run (force_serial_on_failure)
+        done: dict[int, Any] = {}
+        source = iter(chunks)
+        exhausted = False
+        next_index = 0
+        reason = "the run finished"
+        try:
+            while True:
+                ctx.check()
+                limit = self.workers * (2 * run.depth + OUTSTANDING_SLACK)
+                # Refill in batches (hysteresis): one lock round and at most
+                # one wake-up for many tiny chunks.
+                if not exhausted and len(pending) <= limit - max(1, limit // 4):
+                    run.observe(counts.total_chunks, counts.total_compute_s)
+                    counts.flush(ctx.recorder)  # adaptive chunk sizes read these
+                    exhausted = self._refill(
+                        dispatcher, run, source, pending, limit, counts
+                    )
+                if not pending:
+                    return
+                # Errors surface as soon as they arrive (the map's other chunks
+                # are then cancelled by stop_run below); results wait their turn.
+                if next_index not in done:
+                    for index, outcome in dispatcher.take(
+                        run, next_index, POLL_INTERVAL_S
+                    ):
+                        kind = outcome.kind
+                        if kind is _RESULT:
+                            done[index] = outcome
+                        elif kind is _LOST:  # its pack's worker died: again
+                            self._resend(dispatcher, run, pending[index], counts)
+                        else:  # raises, or re-runs a crashed chunk serially
+                            done[index] = self._settle(
+                                pending.get(index), outcome, fn, extra_args, ctx, counts
+                            )
+                # Decode what is ready, in input order, then yield it: one
+                # clock pair per batch, not per chunk (W4's tiny chunks).
+                if next_index not in done:
+                    continue
+                began = time.perf_counter()
+                ready: list[tuple[Chunk, list[Any]]] = []
+                n_items = nbytes = 0
+                compute_s = wait_s = 0.0
+                while next_index in done:
+                    chunk = pending.pop(next_index)
+                    outcome = done.pop(next_index)
+                    next_index += 1
+                    if type(outcome) is list:  # re-run serially
+                        ready.append((chunk, outcome))
+                        continue
+                    payload = outcome.payload
+                    chunk_s, worker_wait_s, count = _META.unpack_from(payload)
+                    if count == _WHOLE_LIST:  # plain results: one pickle
+                        results = pickle.loads(payload[_META.size :])
+                    else:
+                        results = decode_results(payload, chunk.start)[0]
+                    ready.append((chunk, results))
+                    n_items += len(results)
+                    nbytes += len(payload)
+                    compute_s += chunk_s
+                    wait_s += outcome.dispatch_wait_s + worker_wait_s
+                counts.chunks += len(ready)
+                counts.items += n_items
+                counts.bytes_pickled += nbytes
+                counts.compute_s += compute_s
+                counts.queue_wait_s += wait_s
+                counts.dispatch_overhead_s += time.perf_counter() - began
+                yield from ready
+        except GeneratorExit:
+            reason = "the consumer closed the stream"
+            raise
+        except BaseException as exc:
+            reason = f"the run stopped: {type(exc).__name__}"
+            raise
+        finally:
+            # Whatever ended the run (done, error, cancel, timeout, Ctrl-C, a
+            # consumer closing imap): stop dispatching, cancel what runs.
+            counts.flush(ctx.recorder)
+            dispatcher.stop_run(run, reason)
+
+    def _refill(
+        self,
+        dispatcher: Dispatcher,
+        run: Run,
+        source: Iterator[Chunk],
+        pending: dict[int, Chunk],
+        limit: int,
+        counts: _Counts,
+    ) -> bool:
+        """Encode chunks until ``limit`` are outstanding; True when exhausted.
+
+        Consecutive chunks of plain items go as packs of ``run.pack``: one
+        frame each way for many tiny chunks.
+        """
+        began = time.perf_counter()
+        batch: list[Outgoing] = []
+        group: list[Chunk] = []
+        exhausted = False
+        now = time.monotonic()
+        # A pack never outgrows worker_max_tasks: a fresh worker must be
+        # able to take any pack whole.
+        pack = min(run.pack, self.config.worker_max_tasks or run.pack)
+
+        def close_group() -> None:
+            if len(group) == 1:
+                data = pickle.dumps(group[0].items, protocol=5)
+            else:
+                data = pickle.dumps([chunk.items for chunk in group], protocol=5)
+            batch.append(
+                Outgoing(group[0].index, group[0].start, data, now, len(group))
+            )
+            counts.bytes_pickled += len(data)
+            group.clear()
+
+        while len(pending) < limit:
+            chunk = next(source, None)
+            if chunk is None:
+                exhausted = True
+                break
+            pending[chunk.index] = chunk
+            if pack > 1 and is_plain(chunk.items):
+                group.append(chunk)
+                if len(group) >= pack:
+                    close_group()
+                continue
+            if group:
+                close_group()
+            data = self._encode(chunk)
+            batch.append(Outgoing(chunk.index, chunk.start, data, now))
+            counts.bytes_pickled += len(data)
+        if group:
+            close_group()
+        if batch:
+            run.enqueue(batch)
+            dispatcher.wake()
+        counts.dispatch_overhead_s += time.perf_counter() - began
+        return exhausted
+
+    def _resend(
+        self, dispatcher: Dispatcher, run: Run, chunk: Chunk, counts: _Counts
+    ) -> None:
+        """Send a chunk of a lost pack again, alone (its results never came)."""
+        data = self._encode(chunk)
+        run.enqueue([Outgoing(chunk.index, chunk.start, data, time.monotonic())])
+        dispatcher.wake()
+        counts.bytes_pickled += len(data)
+
+    def _settle(
+        self,
+        chunk: Chunk | None,
+        outcome: Outcome,
+        fn: Callable[..., Any],
+        extra_args: tuple[Any, ...],
+        ctx: RunContext,
+        counts: _Counts,
+    ) -> list[Any]:
+        """Turn a chunk's failure outcome into re-run results, or raise."""
+        kind = outcome.kind
+        recorder = ctx.recorder
+        if kind is OutcomeKind.ERROR:
+            recorder.add(failures=1)
+            raise unpack_error(outcome.payload)
+        if kind is OutcomeKind.CRASHED and chunk is not None:
+            recorder.add(failures=1)
+            how = _describe_exit(outcome)
+            where = f"chunk {chunk.index} (items {chunk.start}..{chunk.start + len(chunk) - 1})"
+            if self.config.force_serial_on_failure:
+                results = self._rerun_serially(
+                    chunk, outcome, how, where, fn, extra_args, ctx
+                )
+                counts.total_chunks += 1
+                return results
+            msg = (
+                f"worker process {outcome.pid} died ({how}) while running {where}; "
+                "the pool replaced it and stays usable. Set "
+                "ParallelConfig(force_serial_on_failure=True) (CE_PARALLEL token "
+                "force_serial=on) to re-run lost chunks serially instead."
+            )
+            raise WorkerCrashedError(
+                msg,
+                pid=outcome.pid,
+                exitcode=outcome.exitcode,
+                signal_name=outcome.signal_name,
+                chunk_index=chunk.index,
+            )
+        if kind is OutcomeKind.FAILED:
+            error_type = outcome.error_type or BrokenExecutorError
+            raise error_type(outcome.reason)
+        ctx.check()  # CANCELLED: only a cancelled run gets these
+        msg = f"chunk {getattr(chunk, 'index', '?')} was cancelled"
+        raise CancelledError(msg)
+
+    # FAULTS.md #1 with force_serial_on_failure: the lost chunk runs here, in
+    # the caller, with the original fn and locally resolved payloads.
+    def _rerun_serially(
+        self,
+        chunk: Chunk,
+        outcome: Outcome,
+        how: str,
+        where: str,
+        fn: Callable[..., Any],
+        extra_args: tuple[Any, ...],
+        ctx: RunContext,
+    ) -> list[Any]:
+        reason = (
+            f"worker process {outcome.pid} died ({how}) while running {where}; "
+            "re-ran it serially in the caller (force_serial_on_failure=True)"
+        )
+        warnings.warn(reason, FallbackWarning, stacklevel=_user_stacklevel())
+        ctx.recorder.record_fallback(
+            reason,
+            chunk=chunk.index,
+            pid=outcome.pid,
+            exitcode=outcome.exitcode,
+            signal=outcome.signal_name,
+        )
+        local_args = self._store().resolve_local(tuple(extra_args))
+        results, compute_s = run_chunk(
+            fn, chunk.items, local_args, is_cancelled=ctx.is_cancelled, as_worker=False
+        )
+        ctx.recorder.add(chunks=1, items=len(results), compute_s=compute_s)
+        return results
+
+
+def _describe(value: Any) -> str:
+    """Name a value in an error: functions by qualified name, others by repr."""
+    name = getattr(value, "__qualname__", None)
+    if callable(value) and isinstance(name, str):
+        return f"{getattr(value, '__module__', '?')}.{name}"
+    return f"{reprlib.repr(value)} ({type(value).__qualname__})"
+
+
+class _Counts:
+    """One map's telemetry, summed in the map thread and flushed in batches.
+
+    RunRecorder.add takes a lock; per tiny chunk that was measurable (W4).
+    """
+
+    __slots__ = (
+        "bytes_pickled",
+        "chunks",
+        "compute_s",
+        "dispatch_overhead_s",
+        "items",
+        "queue_wait_s",
+        "total_chunks",
+        "total_compute_s",
+    )
+
+    def __init__(self) -> None:
+        self.total_chunks = 0  # over the whole run: they size the depth
+        self.total_compute_s = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.chunks = self.items = self.bytes_pickled = 0
+        self.compute_s = self.queue_wait_s = self.dispatch_overhead_s = 0.0
+
+    def flush(self, recorder: RunRecorder) -> None:
+        recorder.add(
+            chunks=self.chunks,
+            items=self.items,
+            compute_s=self.compute_s,
+            queue_wait_s=self.queue_wait_s,
+            bytes_pickled=self.bytes_pickled,
+            dispatch_overhead_s=self.dispatch_overhead_s,
+        )
+        self.total_chunks += self.chunks
+        self.total_compute_s += self.compute_s
+        self._reset()
+
+
+def _user_stacklevel() -> int:
+    """Stack level of the first frame outside the engine (for warnings)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+        "engine"
+    ):
+        frame = frame.f_back
+        level += 1
+    return level
