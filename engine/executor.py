@@ -28,7 +28,7 @@ from engine import _env, strategies
 from engine._chunks import AdaptiveChunks, Chunk, default_chunk_size, make_chunks
 from engine._context import usable_cpu_count
 from engine._state import ExecutorState, Lifecycle, is_nested
-from engine.auto import TARGET_CHUNK_S, Estimate, choose
+from engine.auto import MIN_PARALLEL_WORK_S, TARGET_CHUNK_S, Estimate, choose
 from engine.config import ParallelConfig
 from engine.errors import (
     CancelledError,
@@ -491,22 +491,36 @@ class ParallelExecutor:
             first = items[0]
             local_args = self._args_for(serial, extra_args)
             started = time.perf_counter()
-            while len(probe) < min(PROBE_MAX_ITEMS, n_items):
+            while len(probe) < n_items:
                 probe.append(fn(items[len(probe)], *local_args))
-                if time.perf_counter() - started >= PROBE_BUDGET_S:
+                elapsed = time.perf_counter() - started
+                # Past the probe, keep going in the caller while the whole run
+                # projects to less work than any pool could save (W6, W7).
+                probed = len(probe) >= PROBE_MAX_ITEMS or elapsed >= PROBE_BUDGET_S
+                if probed and elapsed / len(probe) * n_items >= MIN_PARALLEL_WORK_S:
                     break
             item_cost_s = (time.perf_counter() - started) / len(probe)
         remaining = n_items - len(probe) if n_items is not None else None
-        plan = self._choose(fn, remaining, item_cost_s, first)
+        if remaining == 0:
+            reason = (
+                f"{item_cost_s * len(probe) * 1e3:.2f} ms of work "
+                f"< {MIN_PARALLEL_WORK_S * 1e3:.0f} ms: ran in the caller"
+            )
+            plan = _Plan("serial", 1, None, reason, False)
+        else:
+            plan = self._choose(fn, remaining, item_cost_s, first)
         strategy, used = self._start_strategy(plan)
         ctx = self._context(strategy, used, requested=plan)
         if probe:
             ctx.recorder.add(
                 items=len(probe), chunks=1, compute_s=item_cost_s * len(probe)
             )
+        yield from probe
+        if remaining == 0:
+            self.telemetry.add(ctx.recorder.finish("ok"))
+            return
         rest = items[len(probe) :] if probe else items
         chunks = self._chunks(used, ctx, rest, chunk_size, remaining, offset=len(probe))
-        yield from probe
         yield from self._stream(
             strategy, fn, chunks, self._args_for(strategy, extra_args), ctx
         )
