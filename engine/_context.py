@@ -146,6 +146,8 @@ def process_support_problem() -> str | None:
     sockets, and on Linux a writable ``/dev/shm`` for shared payloads (AWS
     Lambda has none).
     """
+    # The supervisor is a fresh interpreter (engine.supervisor): without an
+    # executable to launch there is no pool at all.
     executable = sys.executable
     if not executable or not os.path.exists(executable):
         return (
@@ -157,6 +159,8 @@ def process_support_problem() -> str | None:
     family = getattr(socket, "AF_UNIX", None) if not _WINDOWS else socket.AF_INET
     if family is None:
         return "this platform has no AF_UNIX sockets for the worker connections"
+    # Linux only: macOS has no /dev/shm directory (its segments live in the
+    # kernel), Windows uses named file mappings.
     if sys.platform.startswith("linux"):
         shm = Path(SHM_DIR)
         if not shm.is_dir() or not os.access(shm, os.W_OK | os.X_OK):

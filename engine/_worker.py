@@ -318,6 +318,9 @@ _NOTES: Final = {
 # one pickled list (the fast path that W4's trivial tasks take).
 _ATOMS: Final = frozenset({int, float, str, bytes, bool, type(None), complex})
 RESULT_META: Final = struct.Struct("<ddI")
+# First 8 bytes of a RESULT_PACK whose chunks' results are all plain (a
+# length no real pack has): then their metas, and one pickle of every list.
+_PLAIN_PACK: Final = b"\xff" * 8
 # One slot per worker on the progress board: (run id, chunk index) it runs.
 BOARD_SLOT: Final = struct.Struct("<QQ")
 WHOLE_LIST: Final = 0xFFFFFFFF
@@ -377,9 +380,21 @@ def encode_results(
     return [meta, lengths, *blobs]
 
 
-def split_pack(payload: Any, count: int) -> list[memoryview]:
-    """Split a RESULT_PACK payload into the RESULT payload of each chunk."""
+def split_pack(payload: Any, count: int) -> list[Any]:
+    """Split a RESULT_PACK payload into the RESULT payload of each chunk.
+
+    For a plain pack (one pickle of every chunk's results) the items are
+    ``(compute_s, wait_s, results)`` tuples, already decoded.
+    """
     view = memoryview(payload)
+    if view[:8] == _PLAIN_PACK:
+        size = RESULT_META.size
+        metas = view[8 : 8 + count * size]
+        lists = pickle.loads(view[8 + count * size :])
+        return [
+            (*RESULT_META.unpack_from(metas, i * size)[:2], results)
+            for i, results in enumerate(lists)
+        ]
     lengths = array("Q")
     lengths.frombytes(view[: 8 * count])
     offset = 8 * count
@@ -610,11 +625,18 @@ class _Worker:
                 # ran when this process died (FAULTS.md #1: "the chunk").
                 BOARD_SLOT.pack_into(board.buf, self.slot_offset, run, index)
             try:
+                # as_worker=False: the whole process is marked a worker
+                # (worker_main), so a nested executor runs serially without
+                # the per-chunk context manager (2 us a chunk, W4).
                 results, compute_s = run_chunk(
-                    fn, group, extra_args, is_cancelled=stop, as_worker=True
+                    fn, group, extra_args, is_cancelled=stop, as_worker=False
                 )
                 wait_s = started - received_at if offset == 0 else 0.0
-                replies.append(encode_results(results, start, compute_s, wait_s))
+                if kind == PACK and is_plain(results):
+                    meta = RESULT_META.pack(compute_s, wait_s, WHOLE_LIST)
+                    replies.append([meta, results])  # pickled with the pack
+                else:
+                    replies.append(encode_results(results, start, compute_s, wait_s))
             except CancelledError as exc:
                 if stop.fired:
                     self._reply(CANCELLED, frame)
@@ -633,9 +655,19 @@ class _Worker:
         if kind == TASK:
             self._reply(RESULT, frame, *replies[0])
             return
-        lengths = array("Q", [sum(len(part) for part in reply) for reply in replies])
+        if all(type(reply[-1]) is list for reply in replies):
+            # Every chunk's results are plain: one pickle for the pack.
+            metas = b"".join(reply[0] for reply in replies)
+            body = pickle.dumps([reply[1] for reply in replies], protocol=5)
+            self._reply(RESULT_PACK, frame, _PLAIN_PACK, metas, body)
+            return
+        parts = [
+            [reply[0], pickle.dumps(reply[1], 5)] if type(reply[-1]) is list else reply
+            for reply in replies
+        ]
+        lengths = array("Q", [sum(len(part) for part in reply) for reply in parts])
         self._reply(
-            RESULT_PACK, frame, lengths.tobytes(), *[p for r in replies for p in r]
+            RESULT_PACK, frame, lengths.tobytes(), *[p for r in parts for p in r]
         )
 
     def poll(self, run: int) -> bool:

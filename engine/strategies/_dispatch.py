@@ -59,7 +59,6 @@ from engine._worker import (
     SLOT,
     SUPERVISOR_HELLO,
     TASK,
-    split_pack,
 )
 from engine.errors import (
     BrokenExecutorError,
@@ -737,10 +736,11 @@ class Dispatcher:
                 if batch_run is not None:
                     batch_run.deliver_many(batch)
                 batch, batch_run = [], run
-            if kind == RESULT_PACK:  # one RESULT payload per chunk of the pack
-                for offset, part in enumerate(split_pack(payload, item.count)):
-                    outcome = Outcome(_RESULT, part, pid, None, None, wait_s)
-                    batch.append((first + offset, outcome))
+            if kind == RESULT_PACK:  # one outcome for the pack: the map thread splits
+                outcome = Outcome(
+                    _RESULT, payload, pid, None, None, wait_s, None, "", item.count
+                )
+                batch.append((first, outcome))
                 continue
             outcome_kind = KINDS_BY_FRAME.get(kind)
             if outcome_kind is not None:

@@ -286,7 +286,11 @@ class _Pending:
         raise error
 
     def cancel(self) -> bool:
-        return self.future.cancel()
+        # Never cancel a loky future: when the pool is later killed, loky's
+        # manager thread sets an exception on every future it still tracks and
+        # dies with InvalidStateError on a cancelled one, leaving its workers
+        # alive. Queued chunks stop at their first item through the board.
+        return False
 
     def done(self) -> bool:
         return self.future.done()
@@ -588,8 +592,6 @@ class JoblibStrategy(Strategy):
             board = self._board
         if board is not None:
             board.mark(generation)  # workers stop at their next item
-        for pending in running:
-            pending.cancel()
         # Ctrl-C must propagate within 1 s (FAULTS.md #8): no grace period.
         grace_s = (
             ctx.cancel_grace_s if isinstance(exc, Exception | GeneratorExit) else 0.0

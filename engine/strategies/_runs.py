@@ -92,6 +92,9 @@ class Outcome(NamedTuple):
     dispatch_wait_s: float = 0.0
     error_type: type[BrokenExecutorError] | None = None
     reason: str = ""
+    # A pack's results arrive as one outcome at its first index, covering
+    # ``count`` consecutive chunks (engine._worker.split_pack splits it).
+    count: int = 1
 
 
 KINDS_BY_FRAME: Final = {
@@ -156,8 +159,9 @@ class Run:
         outcomes = self._outcomes
         ready = []
         while index in outcomes:
-            ready.append((index, outcomes.pop(index)))
-            index += 1
+            outcome = outcomes.pop(index)
+            ready.append((index, outcome))
+            index += outcome.count
         if ready:
             if self._failures:  # failures among them are handled in order
                 taken = {i for i, _ in ready}

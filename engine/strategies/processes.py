@@ -48,6 +48,7 @@ from engine._worker import (
     WHOLE_LIST,
     decode_results,
     is_plain,
+    split_pack,
     unpack_error,
 )
 from engine.errors import (
@@ -242,6 +243,10 @@ class ProcessesStrategy(Strategy):
         register_fork_reset(self)
         _install_atexit()
 
+    # FAULTS.md #21 and the issue's "environment that cannot run worker
+    # processes": refuse before launching anything, with the cause and the
+    # remedy; the executor turns this into a serial fallback under auto or
+    # force_serial_on_failure.
     def _check_can_start(self) -> None:
         import multiprocessing.process
 
@@ -285,6 +290,9 @@ class ProcessesStrategy(Strategy):
 
     def forksafe_reset(self) -> None:
         """In a forked child of the caller: let go of the parent's pool."""
+        # Runs in the child right after fork (engine.forksafe), before any
+        # other code: the dispatcher thread does not exist there, and the
+        # parent's sockets must not stay open in the child (pitfall 6).
         self._lock = threading.Lock()  # a parent thread may have held the old one
         self._names_lock = threading.Lock()
         dispatcher, self._dispatcher = self._dispatcher, None
@@ -358,6 +366,9 @@ class ProcessesStrategy(Strategy):
         return pickle.PicklingError(msg)
 
     def _encode(self, chunk: Chunk) -> bytes:
+        # Plain items (numbers, strings, tuples of them) take the C pickler
+        # directly; anything else goes through the store, which moves large
+        # arrays to shared memory and replaces shared objects by handles.
         items = chunk.items
         if is_plain(items):
             return pickle.dumps(items, protocol=5)
@@ -383,6 +394,10 @@ class ProcessesStrategy(Strategy):
 
     def _register_segments(self) -> None:
         """Tell the supervisor every new segment: its crash net (FAULTS.md #7)."""
+        # Called at the start of every map and after every non-plain chunk,
+        # the only places new segments appear; the supervisor unlinks them
+        # by name if this process dies (the tracker would only after every
+        # worker exits, SHM-NOTES.md P6).
         dispatcher = self._dispatcher
         if dispatcher is None or self.payloads is None:
             return
@@ -409,6 +424,8 @@ class ProcessesStrategy(Strategy):
         ``SupervisorLostError``, ``CancelledError`` or ``RunTimeoutError``;
         whatever ends the run early cancels its other chunks.
         """
+        # Fails fast if the pool broke (SupervisorLostError) or belongs to
+        # the parent of a forked child.
         dispatcher = self._usable_dispatcher()
         began = time.perf_counter()
         # FAULTS.md #4: pickled here, once per map, before any chunk is
@@ -429,6 +446,8 @@ class ProcessesStrategy(Strategy):
         try:
             while True:
                 ctx.check()
+                # Back-pressure: the bound grows with the depth the workers
+                # need (tiny chunks) and stays small for big ones.
                 limit = self.workers * (2 * run.depth + OUTSTANDING_SLACK)
                 # Refill in batches (hysteresis): one lock round and at most
                 # one wake-up for many tiny chunks.
@@ -464,23 +483,34 @@ class ProcessesStrategy(Strategy):
                 n_items = nbytes = 0
                 compute_s = wait_s = 0.0
                 while next_index in done:
-                    chunk = pending.pop(next_index)
                     outcome = done.pop(next_index)
-                    next_index += 1
                     if type(outcome) is list:  # re-run serially
-                        ready.append((chunk, outcome))
+                        ready.append((pending.pop(next_index), outcome))
+                        next_index += 1
                         continue
-                    payload = outcome.payload
-                    chunk_s, worker_wait_s, count = _META.unpack_from(payload)
-                    if count == _WHOLE_LIST:  # plain results: one pickle
-                        results = pickle.loads(payload[_META.size :])
-                    else:
-                        results = decode_results(payload, chunk.start)[0]
-                    ready.append((chunk, results))
-                    n_items += len(results)
-                    nbytes += len(payload)
-                    compute_s += chunk_s
-                    wait_s += outcome.dispatch_wait_s + worker_wait_s
+                    wait_s += outcome.dispatch_wait_s
+                    count = outcome.count
+                    parts = (
+                        (outcome.payload,)
+                        if count == 1
+                        else split_pack(outcome.payload, count)
+                    )
+                    nbytes += len(outcome.payload)
+                    for payload in parts:
+                        chunk = pending.pop(next_index)
+                        next_index += 1
+                        if type(payload) is tuple:  # a plain pack: decoded
+                            chunk_s, worker_wait_s, results = payload
+                        else:
+                            chunk_s, worker_wait_s, kind = _META.unpack_from(payload)
+                            if kind == _WHOLE_LIST:  # plain results: one pickle
+                                results = pickle.loads(payload[_META.size :])
+                            else:
+                                results = decode_results(payload, chunk.start)[0]
+                        ready.append((chunk, results))
+                        n_items += len(results)
+                        compute_s += chunk_s
+                        wait_s += worker_wait_s
                 counts.chunks += len(ready)
                 counts.items += n_items
                 counts.bytes_pickled += nbytes
