@@ -566,6 +566,10 @@ class ParallelExecutor:
     ) -> Iterator[Any]:
         with self._lock:
             self._active.add(ctx)
+            store = self._payloads
+        shared_before = (
+            store.bytes_shared if store is not None and not strategy.IN_PROCESS else 0
+        )
         status = "error"
         try:
             for _, results in strategy.run(fn, chunks, extra_args, ctx):
@@ -584,6 +588,14 @@ class ParallelExecutor:
         finally:
             with self._lock:
                 self._active.discard(ctx)
+            if (
+                store is not None
+                and not strategy.IN_PROCESS
+                and strategy.NAME == "processes"
+            ):
+                # Segments created during the run (auto-shared arrays); the
+                # joblib and dask strategies count their own.
+                ctx.recorder.add(bytes_shared=store.bytes_shared - shared_before)
             self.telemetry.add(ctx.recorder.finish(status))
 
     def cancel(self) -> None:

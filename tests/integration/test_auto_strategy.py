@@ -94,6 +94,7 @@ def test_forked_child_forgets_parent_runs_and_pools() -> None:
                 os._exit(0)
         os.close(write_end)
         _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
         answer = os.read(read_end, 1)
         os.close(read_end)
         assert answer == b"1"
