@@ -47,15 +47,14 @@ import types
 from typing import Any, Final
 
 from engine import _env
-from engine._worker import (
+from engine._wire import (
     CONTROL,
     SUPERVISOR_HELLO,
     FrameReader,
-    WorkerSpec,
     connect,
     send_frame,
-    worker_main,
 )
+from engine._worker import WorkerSpec, worker_main
 
 # SUPERVISOR-NOTES.md pitfall 6: an inherited copy of the caller's end of the
 # control socket (a fork child of the caller) defeats EOF detection; polling

@@ -9,7 +9,7 @@
         │  loopback TCP on Windows)                          ▼
         ├─ Channel (supervisor): CONTROL frames ──▶ kill / segments / shutdown
         │                        ◀── started / died
-        └─ Channel (one per worker): tasks and results (engine._worker)
+        └─ Channel (one per worker): tasks and results (engine._wire)
 
     launch_supervisor(): python -c _BOOTSTRAP, the spec on stdin, the
     resource tracker's fd passed down (SHM-NOTES.md P2)
@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from engine._worker import (
+from engine._wire import (
     DIGEST_BYTES,
     HANDSHAKE_TIMEOUT_S,
     HEADER,

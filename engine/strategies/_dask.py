@@ -58,7 +58,7 @@ import numpy as np
 from engine import _env
 from engine._chunks import Chunk, run_chunk
 from engine._context import thread_cap
-from engine._worker import (
+from engine._wire import (
     decode_results,
     encode_results,
     is_plain,
@@ -163,7 +163,7 @@ def _run_chunk(
 ) -> tuple[bool, bytes]:
     """Run one chunk on a dask worker; return ``(ok, payload)``.
 
-    The payload is ``engine._worker``'s wire format, shared with the
+    The payload is ``engine._wire``'s format, shared with the
     processes strategy: per-item result pickles (a failure names its item)
     or an exception with its remote traceback. An error travels as a value:
     dask would pickle the exception without ``__cause__`` and log it.

@@ -62,7 +62,7 @@ from engine import _env, payload
 from engine._chunks import Chunk, run_chunk
 from engine._context import thread_cap
 from engine._state import mark_worker_process
-from engine._worker import (
+from engine._wire import (
     decode_results,
     encode_results,
     is_plain,
@@ -203,7 +203,7 @@ def _run_task(
 ) -> tuple[bool, bytes]:
     """Run one chunk in a loky worker; return ``(ok, payload)``.
 
-    The payload is ``engine._worker``'s wire format, shared with the
+    The payload is ``engine._wire``'s format, shared with the
     processes strategy: per-item result pickles (a failure names its item)
     or an exception with its remote traceback.
     """

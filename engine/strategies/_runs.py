@@ -15,7 +15,7 @@ import enum
 import threading
 from typing import Any, Final, NamedTuple
 
-from engine._worker import CANCELLED, ERROR, RESULT
+from engine._wire import CANCELLED, ERROR, RESULT
 from engine.errors import BrokenExecutorError
 from engine.telemetry import RunRecorder
 
@@ -93,7 +93,7 @@ class Outcome(NamedTuple):
     error_type: type[BrokenExecutorError] | None = None
     reason: str = ""
     # A pack's results arrive as one outcome at its first index, covering
-    # ``count`` consecutive chunks (engine._worker.split_pack splits it).
+    # ``count`` consecutive chunks (engine._wire.split_pack splits it).
     count: int = 1
 
 
@@ -281,3 +281,43 @@ class Run:
     def finish(self) -> bool:
         with self._cond:
             return self._move(RunState.DONE)
+
+
+class MapCounts:
+    """One map's telemetry, summed in the map thread and flushed in batches.
+
+    RunRecorder.add takes a lock; per tiny chunk that was measurable (W4).
+    """
+
+    __slots__ = (
+        "bytes_pickled",
+        "chunks",
+        "compute_s",
+        "dispatch_overhead_s",
+        "items",
+        "queue_wait_s",
+        "total_chunks",
+        "total_compute_s",
+    )
+
+    def __init__(self) -> None:
+        self.total_chunks = 0  # over the whole run: they size the depth
+        self.total_compute_s = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.chunks = self.items = self.bytes_pickled = 0
+        self.compute_s = self.queue_wait_s = self.dispatch_overhead_s = 0.0
+
+    def flush(self, recorder: RunRecorder) -> None:
+        recorder.add(
+            chunks=self.chunks,
+            items=self.items,
+            compute_s=self.compute_s,
+            queue_wait_s=self.queue_wait_s,
+            bytes_pickled=self.bytes_pickled,
+            dispatch_overhead_s=self.dispatch_overhead_s,
+        )
+        self.total_chunks += self.chunks
+        self.total_compute_s += self.compute_s
+        self._reset()

@@ -26,7 +26,6 @@ import atexit
 import enum
 import os
 import pickle
-import reprlib
 import sys
 import threading
 import time
@@ -43,12 +42,8 @@ from engine._context import (
     thread_cap,
     worker_environment,
 )
-from engine._worker import (
-    RESULT_META,
-    WHOLE_LIST,
-    decode_results,
+from engine._wire import (
     is_plain,
-    split_pack,
     unpack_error,
 )
 from engine.errors import (
@@ -61,20 +56,18 @@ from engine.errors import (
 )
 from engine.forksafe import register_fork_reset, unregister_fork_reset
 from engine.strategies._dispatch import Dispatcher
-from engine.strategies._runs import Outcome, OutcomeKind, Outgoing, Run
+from engine.strategies._encoding import decode_ready, dump_items, unpicklable_error
+from engine.strategies._runs import MapCounts, Outcome, OutcomeKind, Outgoing, Run
 from engine.strategies.base import POLL_INTERVAL_S, RunContext, Strategy
 
 if TYPE_CHECKING:
     from engine.config import ParallelConfig
     from engine.payload import PayloadStore
-    from engine.telemetry import RunRecorder
 
 __all__ = ["ProcessesStrategy"]
 
 _RESULT: Final = OutcomeKind.RESULT
 _LOST: Final = OutcomeKind.LOST
-_META: Final = RESULT_META
-_WHOLE_LIST: Final = WHOLE_LIST
 
 # Chunks one map keeps outstanding (encoded and queued, at a worker, or
 # finished but not yet consumed): per worker, twice its depth (what it may
@@ -341,29 +334,7 @@ class ProcessesStrategy(Strategy):
         except PayloadError:
             raise
         except Exception as exc:
-            raise self._unpicklable(fn, extra_args, exc) from exc
-
-    def _unpicklable(
-        self, fn: Callable[..., Any], extra_args: tuple[Any, ...], exc: Exception
-    ) -> pickle.PicklingError:
-        store = self._store()
-        what = "fn or one of its arguments"
-        for label, value in [
-            ("fn", fn),
-            *((f"extra argument {i}", a) for i, a in enumerate(extra_args)),
-        ]:
-            try:
-                store.dumps(value)
-            except Exception:  # this is the one
-                what = f"{label}={_describe(value)}"
-                break
-        msg = (
-            f"{what} cannot be pickled to send it to the worker processes: {exc}. "
-            "Define functions at module level, and pass only picklable arguments "
-            "(locks, open files, sockets and generators cannot travel); or use "
-            "strategy='threads', which needs no pickling. Nothing was dispatched."
-        )
-        return pickle.PicklingError(msg)
+            raise unpicklable_error(store, fn, extra_args, exc) from exc
 
     def _encode(self, chunk: Chunk) -> bytes:
         # Plain items (numbers, strings, tuples of them) take the C pickler
@@ -372,23 +343,7 @@ class ProcessesStrategy(Strategy):
         items = chunk.items
         if is_plain(items):
             return pickle.dumps(items, protocol=5)
-        store = self._store()
-        try:
-            data = store.dumps(items)
-        except PayloadError:
-            raise
-        except Exception:
-            for offset, item in enumerate(items):
-                try:
-                    store.dumps(item)
-                except Exception as item_exc:
-                    msg = (
-                        f"item {chunk.start + offset} ({_describe(item)}) cannot be "
-                        f"pickled to send it to the worker processes: {item_exc}. Pass "
-                        "picklable items, or use strategy='threads'."
-                    )
-                    raise pickle.PicklingError(msg) from item_exc
-            raise
+        data = dump_items(self._store(), chunk)
         self._register_segments()
         return data
 
@@ -433,7 +388,7 @@ class ProcessesStrategy(Strategy):
         fn_blob = self._dump_function(fn, extra_args)
         self._register_segments()
         run = dispatcher.open_run(fn_blob, ctx.recorder, ctx.cancel_grace_s)
-        counts = _Counts()
+        counts = MapCounts()
         counts.dispatch_overhead_s += time.perf_counter() - began
         pending: dict[int, Chunk] = {}
         # chunk index -> a RESULT outcome not yet consumed, or the results of
@@ -479,43 +434,7 @@ class ProcessesStrategy(Strategy):
                 if next_index not in done:
                     continue
                 began = time.perf_counter()
-                ready: list[tuple[Chunk, list[Any]]] = []
-                n_items = nbytes = 0
-                compute_s = wait_s = 0.0
-                while next_index in done:
-                    outcome = done.pop(next_index)
-                    if type(outcome) is list:  # re-run serially
-                        ready.append((pending.pop(next_index), outcome))
-                        next_index += 1
-                        continue
-                    wait_s += outcome.dispatch_wait_s
-                    count = outcome.count
-                    parts = (
-                        (outcome.payload,)
-                        if count == 1
-                        else split_pack(outcome.payload, count)
-                    )
-                    nbytes += len(outcome.payload)
-                    for payload in parts:
-                        chunk = pending.pop(next_index)
-                        next_index += 1
-                        if type(payload) is tuple:  # a plain pack: decoded
-                            chunk_s, worker_wait_s, results = payload
-                        else:
-                            chunk_s, worker_wait_s, kind = _META.unpack_from(payload)
-                            if kind == _WHOLE_LIST:  # plain results: one pickle
-                                results = pickle.loads(payload[_META.size :])
-                            else:
-                                results = decode_results(payload, chunk.start)[0]
-                        ready.append((chunk, results))
-                        n_items += len(results)
-                        compute_s += chunk_s
-                        wait_s += worker_wait_s
-                counts.chunks += len(ready)
-                counts.items += n_items
-                counts.bytes_pickled += nbytes
-                counts.compute_s += compute_s
-                counts.queue_wait_s += wait_s
+                ready, next_index = decode_ready(done, pending, next_index, counts)
                 counts.dispatch_overhead_s += time.perf_counter() - began
                 yield from ready
         except GeneratorExit:
@@ -537,7 +456,7 @@ class ProcessesStrategy(Strategy):
         source: Iterator[Chunk],
         pending: dict[int, Chunk],
         limit: int,
-        counts: _Counts,
+        counts: MapCounts,
     ) -> bool:
         """Encode chunks until ``limit`` are outstanding; True when exhausted.
 
@@ -589,7 +508,7 @@ class ProcessesStrategy(Strategy):
         return exhausted
 
     def _resend(
-        self, dispatcher: Dispatcher, run: Run, chunk: Chunk, counts: _Counts
+        self, dispatcher: Dispatcher, run: Run, chunk: Chunk, counts: MapCounts
     ) -> None:
         """Send a chunk of a lost pack again, alone (its results never came)."""
         data = self._encode(chunk)
@@ -604,7 +523,7 @@ class ProcessesStrategy(Strategy):
         fn: Callable[..., Any],
         extra_args: tuple[Any, ...],
         ctx: RunContext,
-        counts: _Counts,
+        counts: MapCounts,
     ) -> list[Any]:
         """Turn a chunk's failure outcome into re-run results, or raise."""
         kind = outcome.kind
@@ -672,54 +591,6 @@ class ProcessesStrategy(Strategy):
         )
         ctx.recorder.add(chunks=1, items=len(results), compute_s=compute_s)
         return results
-
-
-def _describe(value: Any) -> str:
-    """Name a value in an error: functions by qualified name, others by repr."""
-    name = getattr(value, "__qualname__", None)
-    if callable(value) and isinstance(name, str):
-        return f"{getattr(value, '__module__', '?')}.{name}"
-    return f"{reprlib.repr(value)} ({type(value).__qualname__})"
-
-
-class _Counts:
-    """One map's telemetry, summed in the map thread and flushed in batches.
-
-    RunRecorder.add takes a lock; per tiny chunk that was measurable (W4).
-    """
-
-    __slots__ = (
-        "bytes_pickled",
-        "chunks",
-        "compute_s",
-        "dispatch_overhead_s",
-        "items",
-        "queue_wait_s",
-        "total_chunks",
-        "total_compute_s",
-    )
-
-    def __init__(self) -> None:
-        self.total_chunks = 0  # over the whole run: they size the depth
-        self.total_compute_s = 0.0
-        self._reset()
-
-    def _reset(self) -> None:
-        self.chunks = self.items = self.bytes_pickled = 0
-        self.compute_s = self.queue_wait_s = self.dispatch_overhead_s = 0.0
-
-    def flush(self, recorder: RunRecorder) -> None:
-        recorder.add(
-            chunks=self.chunks,
-            items=self.items,
-            compute_s=self.compute_s,
-            queue_wait_s=self.queue_wait_s,
-            bytes_pickled=self.bytes_pickled,
-            dispatch_overhead_s=self.dispatch_overhead_s,
-        )
-        self.total_chunks += self.chunks
-        self.total_compute_s += self.compute_s
-        self._reset()
 
 
 def _user_stacklevel() -> int:

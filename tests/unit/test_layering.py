@@ -26,6 +26,7 @@ LAYERS = {
     "engine.forksafe": 1,
     "engine.payload": 2,
     "engine._shm": 2,
+    "engine._wire": 2,
     "engine._worker": 2,
     "engine._supervisor_main": 2,
     "engine.supervisor": 3,
