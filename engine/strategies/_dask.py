@@ -59,11 +59,9 @@ from engine import _env
 from engine._chunks import Chunk, run_chunk
 from engine._context import thread_cap
 from engine._wire import (
-    decode_results,
     encode_results,
     is_plain,
     pack_error,
-    unpack_error,
 )
 from engine.errors import (
     BrokenExecutorError,
@@ -72,6 +70,7 @@ from engine.errors import (
     WorkerCrashedError,
 )
 from engine.payload import PayloadRef, readonly_view
+from engine.strategies._encoding import decode_outcome
 from engine.strategies.base import RunContext, Strategy, run_windowed
 
 if TYPE_CHECKING:
@@ -521,18 +520,7 @@ class DaskStrategy(Strategy):
                 if isinstance(outcome, _Lost):
                     yield chunk, self._recover(fn, chunk, extra_args, outcome, ctx)
                     continue
-                ok, data = outcome
-                if not ok:
-                    raise unpack_error(data)
-                results, compute_s, wait_s = decode_results(data, chunk.start)
-                ctx.recorder.add(
-                    chunks=1,
-                    items=len(chunk),
-                    compute_s=compute_s,
-                    queue_wait_s=wait_s,
-                    bytes_pickled=len(data),
-                )
-                yield chunk, results
+                yield chunk, decode_outcome(chunk, outcome, ctx)
         except BaseException as exc:
             # Closing the window first cancels the run and its queued chunks
             # (it is still open when our consumer closed us: GeneratorExit).

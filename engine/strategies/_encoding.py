@@ -5,7 +5,8 @@ chunk through the executor's ``PayloadStore``. When that fails, these
 helpers pickle the parts one by one to name the culprit (FAULTS.md #4, #5):
 the function or argument, or the item, with a remedy. ``decode_ready``
 turns the workers' RESULT / RESULT_PACK payloads (``engine._wire``) back
-into each chunk's results, in input order.
+into each chunk's results, in input order. ``decode_outcome`` does the same
+for one chunk run by a joblib (loky) or dask worker.
 """
 
 from __future__ import annotations
@@ -15,13 +16,20 @@ import reprlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from engine._wire import RESULT_META, WHOLE_LIST, decode_results, split_pack
+from engine._wire import (
+    RESULT_META,
+    WHOLE_LIST,
+    decode_results,
+    split_pack,
+    unpack_error,
+)
 from engine.errors import PayloadError
 
 if TYPE_CHECKING:
     from engine._chunks import Chunk
     from engine.payload import PayloadStore
     from engine.strategies._runs import MapCounts
+    from engine.strategies.base import RunContext
 
 _META: Final = RESULT_META
 _WHOLE_LIST: Final = WHOLE_LIST
@@ -129,3 +137,25 @@ def decode_ready(
     counts.compute_s += compute_s
     counts.queue_wait_s += wait_s
     return ready, next_index
+
+
+def decode_outcome(
+    chunk: Chunk, outcome: tuple[bool, bytes], ctx: RunContext
+) -> list[Any]:
+    """Return the results of one chunk a worker ran, counted in telemetry.
+
+    ``outcome`` is the worker's ``(ok, data)``; a failed chunk re-raises the
+    remote exception with its own type (``engine._wire.unpack_error``).
+    """
+    ok, data = outcome
+    if not ok:
+        raise unpack_error(data)
+    results, compute_s, wait_s = decode_results(data, chunk.start)
+    ctx.recorder.add(
+        chunks=1,
+        items=len(chunk),
+        compute_s=compute_s,
+        queue_wait_s=wait_s,
+        bytes_pickled=len(data),
+    )
+    return results

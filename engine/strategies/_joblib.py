@@ -63,13 +63,12 @@ from engine._chunks import Chunk, run_chunk
 from engine._context import thread_cap
 from engine._state import mark_worker_process
 from engine._wire import (
-    decode_results,
     encode_results,
     is_plain,
     pack_error,
-    unpack_error,
 )
 from engine.errors import ConfigError, FallbackWarning, WorkerCrashedError
+from engine.strategies._encoding import decode_outcome
 from engine.strategies.base import RunContext, Strategy, run_windowed
 
 if TYPE_CHECKING:
@@ -519,18 +518,7 @@ class JoblibStrategy(Strategy):
                 if isinstance(outcome, _Lost):
                     yield chunk, self._recover(fn, chunk, extra_args, outcome, ctx)
                     continue
-                ok, data = outcome
-                if not ok:
-                    raise unpack_error(data)
-                results, compute_s, wait_s = decode_results(data, chunk.start)
-                ctx.recorder.add(
-                    chunks=1,
-                    items=len(chunk),
-                    compute_s=compute_s,
-                    queue_wait_s=wait_s,
-                    bytes_pickled=len(data),
-                )
-                yield chunk, results
+                yield chunk, decode_outcome(chunk, outcome, ctx)
         except BaseException as exc:
             # Closing the window first cancels the run and its queued chunks
             # (it is still open when our consumer closed us: GeneratorExit).
