@@ -70,7 +70,12 @@ from engine.errors import (
     WorkerCrashedError,
 )
 from engine.payload import PayloadRef, readonly_view
-from engine.strategies._encoding import decode_outcome
+from engine.strategies._encoding import (
+    call_parts,
+    decode_outcome,
+    dumps_naming,
+    item_parts,
+)
 from engine.strategies.base import RunContext, Strategy, run_windowed
 
 if TYPE_CHECKING:
@@ -460,10 +465,11 @@ class DaskStrategy(Strategy):
         call_key = f"{self._run_prefix}-{next(self._generations)}"
         started = time.perf_counter()
         found: dict[str, Any] = {}
-        call_blob = _dumps_naming(
+        call_blob = dumps_naming(
             functools.partial(self._pickle_with_keys, found=found),
             (fn, extra_args),
-            _call_parts(fn, extra_args),
+            call_parts(fn, extra_args),
+            workers="the dask workers",
         )
         call_data = self._scatter(client, found, ctx)
         call_arg: Any = call_blob
@@ -480,10 +486,11 @@ class DaskStrategy(Strategy):
             items_blob = (
                 pickle.dumps(items, protocol=5)
                 if is_plain(items)
-                else _dumps_naming(
+                else dumps_naming(
                     functools.partial(self._pickle_with_keys, found=item_refs),
                     items,
-                    _item_parts(chunk),
+                    item_parts(chunk),
+                    workers="the dask workers",
                 )
             )
             data = {**call_data, **self._scatter(client, item_refs, ctx)}
@@ -632,39 +639,3 @@ class DaskStrategy(Strategy):
         with self._lock:
             self._scattered.clear()
             self._pinned.clear()
-
-
-def _dumps_naming(
-    dumps: Callable[[Any], bytes], value: Any, parts: Iterable[tuple[str, Any]]
-) -> bytes:
-    """``dumps(value)``, or a ``PicklingError`` naming the first part that fails."""
-    try:
-        return dumps(value)
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        culprit = "a part of the task"
-        for label, part in parts:
-            try:
-                dumps(part)
-            except Exception:
-                culprit = label
-                break
-        msg = (
-            f"{culprit} cannot be pickled to send it to the dask workers ({exc}). "
-            "Define functions at module level and pass picklable arguments and "
-            "items (locks, open files and generators cannot travel), or create "
-            "the object inside fn. Nothing of it was sent."
-        )
-        raise pickle.PicklingError(msg) from exc
-
-
-def _call_parts(
-    fn: Callable[..., Any], extra_args: tuple[Any, ...]
-) -> Iterator[tuple[str, Any]]:
-    yield "fn", fn
-    for index, arg in enumerate(extra_args):
-        yield f"extra argument #{index} ({type(arg).__name__})", arg
-
-
-def _item_parts(chunk: Chunk) -> Iterator[tuple[str, Any]]:
-    for offset, item in enumerate(chunk.items):
-        yield f"item {chunk.start + offset} ({type(item).__name__})", item

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pickle
 import reprlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from engine._wire import (
@@ -159,3 +159,48 @@ def decode_outcome(
         bytes_pickled=len(data),
     )
     return results
+
+
+def dumps_naming(
+    dumps: Callable[[Any], bytes],
+    value: Any,
+    parts: Iterable[tuple[str, Any]],
+    *,
+    workers: str,
+) -> bytes:
+    """``dumps(value)``, or a ``PicklingError`` naming the first part that fails.
+
+    ``workers`` names where the task was going ("the joblib workers").
+    """
+    try:
+        return dumps(value)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        culprit = "a part of the task"
+        for label, part in parts:
+            try:
+                dumps(part)
+            except Exception:
+                culprit = label
+                break
+        msg = (
+            f"{culprit} cannot be pickled to send it to {workers} ({exc}). "
+            "Define functions at module level and pass picklable arguments and "
+            "items (locks, open files and generators cannot travel), or create "
+            "the object inside fn. Nothing of it was sent."
+        )
+        raise pickle.PicklingError(msg) from exc
+
+
+def call_parts(
+    fn: Callable[..., Any], extra_args: tuple[Any, ...]
+) -> Iterator[tuple[str, Any]]:
+    """The labelled parts of ``(fn, extra_args)``, for ``dumps_naming``."""
+    yield "fn", fn
+    for index, arg in enumerate(extra_args):
+        yield f"extra argument #{index} ({type(arg).__name__})", arg
+
+
+def item_parts(chunk: Chunk) -> Iterator[tuple[str, Any]]:
+    """The labelled items of ``chunk``, for ``dumps_naming``."""
+    for offset, item in enumerate(chunk.items):
+        yield f"item {chunk.start + offset} ({type(item).__name__})", item

@@ -68,7 +68,12 @@ from engine._wire import (
     pack_error,
 )
 from engine.errors import ConfigError, FallbackWarning, WorkerCrashedError
-from engine.strategies._encoding import decode_outcome
+from engine.strategies._encoding import (
+    call_parts,
+    decode_outcome,
+    dumps_naming,
+    item_parts,
+)
 from engine.strategies.base import RunContext, Strategy, run_windowed
 
 if TYPE_CHECKING:
@@ -459,8 +464,11 @@ class JoblibStrategy(Strategy):
         call_key = f"{self._run_prefix}-{generation}"
         started = time.perf_counter()
         shared_before = payloads.bytes_shared
-        call_blob = _dumps_naming(
-            payloads.dumps, (fn, extra_args), _call_parts(fn, extra_args)
+        call_blob = dumps_naming(
+            payloads.dumps,
+            (fn, extra_args),
+            call_parts(fn, extra_args),
+            workers="the joblib workers",
         )
         ctx.recorder.add(
             dispatch_overhead_s=time.perf_counter() - started,
@@ -474,7 +482,12 @@ class JoblibStrategy(Strategy):
             items_blob = (
                 pickle.dumps(items, protocol=5)
                 if is_plain(items)
-                else _dumps_naming(payloads.dumps, items, _item_parts(chunk))
+                else dumps_naming(
+                    payloads.dumps,
+                    items,
+                    item_parts(chunk),
+                    workers="the joblib workers",
+                )
             )
 
             def submit_task(executor: ProcessPoolExecutor) -> concurrent.futures.Future:
@@ -590,39 +603,3 @@ class JoblibStrategy(Strategy):
             for epoch in {pending.epoch for pending in running if not pending.done()}:
                 if self._discard(epoch, on_purpose=True):
                     ctx.recorder.add(worker_restarts=self.workers)
-
-
-def _dumps_naming(
-    dumps: Callable[[Any], bytes], value: Any, parts: Iterable[tuple[str, Any]]
-) -> bytes:
-    """``dumps(value)``, or a ``PicklingError`` naming the first part that fails."""
-    try:
-        return dumps(value)
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        culprit = "a part of the task"
-        for label, part in parts:
-            try:
-                dumps(part)
-            except Exception:
-                culprit = label
-                break
-        msg = (
-            f"{culprit} cannot be pickled to send it to the joblib workers ({exc}). "
-            "Define functions at module level and pass picklable arguments and "
-            "items (locks, open files and generators cannot travel), or create "
-            "the object inside fn. Nothing of it was sent."
-        )
-        raise pickle.PicklingError(msg) from exc
-
-
-def _call_parts(
-    fn: Callable[..., Any], extra_args: tuple[Any, ...]
-) -> Iterator[tuple[str, Any]]:
-    yield "fn", fn
-    for index, arg in enumerate(extra_args):
-        yield f"extra argument #{index} ({type(arg).__name__})", arg
-
-
-def _item_parts(chunk: Chunk) -> Iterator[tuple[str, Any]]:
-    for offset, item in enumerate(chunk.items):
-        yield f"item {chunk.start + offset} ({type(item).__name__})", item
