@@ -15,6 +15,7 @@ workers.
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import threading
 import time
@@ -417,9 +418,14 @@ class ParallelExecutor:
         strategy, used = self._start_strategy(plan)
         ctx = self._context(strategy, used, requested=plan)
         chunks = self._chunks(used, ctx, items, chunk_size, n_items, offset=0)
-        return self._stream(
+        stream = self._stream(
             strategy, fn, chunks, self._args_for(strategy, extra_args), ctx
         )
+        if strategy.STARTS_EAGERLY:
+            # Dispatch now; the strategy's first block is an empty marker.
+            for _ in itertools.islice(stream, 1):
+                pass
+        return stream
 
     def _args_for(
         self, strategy: Strategy, extra_args: tuple[Any, ...]

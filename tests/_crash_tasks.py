@@ -163,6 +163,14 @@ def pid_after(x: int, seconds: float = 0.0) -> int:
     return os.getpid()
 
 
+def clock_after(x: int, seconds: float = 0.0) -> float:
+    """The wall clock when this item started (comparable across processes)."""
+    started = time.time()
+    if seconds:
+        time.sleep(seconds)
+    return started
+
+
 def environment_of(_: Any, names: tuple[str, ...]) -> dict[str, str | None]:
     return {name: os.environ.get(name) for name in names}
 

@@ -96,6 +96,12 @@ class Strategy(abc.ABC):
 
     NAME: ClassVar[str]
     IN_PROCESS: ClassVar[bool] = False
+    # True if ``run`` yields one empty block right after its first dispatch:
+    # the executor then starts the run when ``imap`` is called (as
+    # concurrent.futures' ``Executor.map`` submits at call time), so the
+    # caller's own work between ``imap`` and the first ``next`` overlaps the
+    # workers. In-process strategies run chunks in the consuming thread.
+    STARTS_EAGERLY: ClassVar[bool] = False
 
     def __init__(
         self,

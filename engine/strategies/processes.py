@@ -149,6 +149,7 @@ class ProcessesStrategy(Strategy):
 
     NAME: ClassVar[str] = "processes"
     IN_PROCESS: ClassVar[bool] = False
+    STARTS_EAGERLY: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -374,8 +375,10 @@ class ProcessesStrategy(Strategy):
     ) -> Iterator[tuple[Chunk, list[Any]]]:
         """Run every chunk on the workers; yield ``(chunk, results)`` in order.
 
-        Called from the map thread. Raises the error of ``fn`` with its own
-        type (remote traceback as ``__cause__``), ``WorkerCrashedError``,
+        The first block is ``(None, [])``, yielded once the first chunks are
+        dispatched (``STARTS_EAGERLY``). Called from the map thread. Raises
+        the error of ``fn`` with its own type (remote traceback as
+        ``__cause__``), ``WorkerCrashedError``,
         ``SupervisorLostError``, ``CancelledError`` or ``RunTimeoutError``;
         whatever ends the run early cancels its other chunks.
         """
@@ -396,6 +399,7 @@ class ProcessesStrategy(Strategy):
         done: dict[int, Any] = {}
         source = iter(chunks)
         exhausted = False
+        started = False
         next_index = 0
         reason = "the run finished"
         try:
@@ -414,6 +418,9 @@ class ProcessesStrategy(Strategy):
                     )
                 if not pending:
                     return
+                if not started:  # STARTS_EAGERLY: the first chunks are out
+                    started = True
+                    yield None, []
                 # Errors surface as soon as they arrive (the map's other chunks
                 # are then cancelled by stop_run below); results wait their turn.
                 if next_index not in done:

@@ -21,6 +21,7 @@ import pytest
 from _crash_tasks import (
     array_checksum,
     big_array,
+    clock_after,
     environment_of,
     identity,
     numba_double,
@@ -160,6 +161,28 @@ def test_imap_holds_a_bounded_number_of_chunks() -> None:
         assert len(pulled) < 300
         stream.close()
         assert ex.map(identity, range(5)) == list(range(5))
+
+
+def test_imap_starts_the_work_when_called() -> None:
+    # As concurrent.futures' Executor.map submits at call time: the caller's
+    # own work between imap() and the first next() overlaps the workers.
+    with ParallelExecutor(_config()) as ex:
+        assert ex.map(identity, range(4), chunk_size=1) == list(range(4))  # warm
+        stream = ex.imap(clock_after, range(4), 0.0, chunk_size=1)
+        time.sleep(0.5)
+        consumed_at = time.time()
+        started = list(stream)
+    assert len(started) == 4
+    assert min(started) < consumed_at - 0.3, (started, consumed_at)
+
+
+def test_an_unconsumed_imap_is_cancelled_when_dropped() -> None:
+    with ParallelExecutor(_config()) as ex:
+        stream = ex.imap(sleep_then, range(200), 0.05, chunk_size=1)
+        del stream  # started on the call; closing it cancels the rest
+        began = time.monotonic()
+        assert ex.map(identity, range(8), chunk_size=1) == list(range(8))
+        assert time.monotonic() - began < 2.0
 
 
 def test_concurrent_maps_from_threads() -> None:
