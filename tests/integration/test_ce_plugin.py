@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _ce_compare import assert_same_explanations
 
 pytest.importorskip("calibrated_explanations")
 pytest.importorskip("sklearn")
@@ -55,24 +56,8 @@ def _explainer(data: dict[str, Any]) -> Any:
 
 
 def _assert_same(expected: Any, actual: Any) -> None:
-    assert len(expected.explanations) == len(actual.explanations)
-    for ref, ours in zip(expected.explanations, actual.explanations, strict=True):
-        for table in ("feature_weights", "feature_predict"):
-            for key in ("predict", "low", "high"):
-                np.testing.assert_allclose(
-                    getattr(ours, table)[key],
-                    getattr(ref, table)[key],
-                    rtol=0,
-                    atol=1e-9,
-                )
-        ref_rules, our_rules = ref.get_rules(), ours.get_rules()
-        assert our_rules["rule"] == ref_rules["rule"]
-        np.testing.assert_allclose(
-            our_rules["weight"], ref_rules["weight"], rtol=0, atol=1e-9
-        )
-        np.testing.assert_allclose(
-            our_rules["predict"], ref_rules["predict"], rtol=0, atol=1e-9
-        )
+    # Every attribute of every explanation, bit for bit (tests/_ce_compare.py).
+    assert_same_explanations(actual, expected)
 
 
 def test_every_strategy_gives_ce_identical_explanations(

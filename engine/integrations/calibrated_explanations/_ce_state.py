@@ -71,6 +71,9 @@ class ModelState:
         it is pickled.
     num_features : int
         Number of features.
+    rule_context : RuleContext or None
+        What CE's rules read of the explainer (discretiser, names), taken
+        with the model so that workers compute rules with the same objects.
 
     Notes
     -----
@@ -81,12 +84,17 @@ class ModelState:
 
     explainer: Any
     num_features: int
+    rule_context: Any = None
     _lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
     )
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"explainer": self.explainer, "num_features": self.num_features}
+        return {
+            "explainer": self.explainer,
+            "num_features": self.num_features,
+            "rule_context": self.rule_context,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for name, value in (*state.items(), ("_lock", threading.Lock())):

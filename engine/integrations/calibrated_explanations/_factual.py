@@ -43,8 +43,15 @@ from ._ce_state import (
     is_supported,
     threshold_kind,
 )
+from ._rules import RuleContext, chunk_rules, gc_paused
 
-__all__ = ["BatchState", "FactualPlan", "explain_chunk", "prepare"]
+__all__ = [
+    "BatchState",
+    "FactualPlan",
+    "add_full_probabilities",
+    "explain_chunk",
+    "prepare",
+]
 
 _DEFAULT_PERCENTILES = (5, 95)
 
@@ -72,6 +79,8 @@ class BatchState:
     cat_counts: np.ndarray  # (F, w) float64
     cat_current: np.ndarray  # (n, F) int64
     base_predict: np.ndarray  # (n,) float64, each instance's calibrated prediction
+    base_low: np.ndarray  # (n,) CE's prediction["low"], as CE holds it
+    base_high: np.ndarray  # (n,) CE's prediction["high"]
     classes: np.ndarray  # (n,) the class each perturbed row is scored for
     bins: np.ndarray | None  # (n,) Mondrian categories
     threshold: Any  # None, a scalar, an interval tuple, or (n,) float64
@@ -80,6 +89,7 @@ class BatchState:
     interval_summary: Any
     ignored_rows: np.ndarray | None  # (n, F): row i of CE's perturbed matrix
     ignored_sources: np.ndarray | None  # (n,) int64: whose row that is
+    features_to_ignore: np.ndarray  # the collection's ignored features (rules)
 
 
 @final
@@ -97,6 +107,7 @@ class FactualPlan:
     bins: Any  # as the caller gave it (CE keeps a tuple)
     features_to_ignore: np.ndarray
     start_time_s: float = field(default_factory=time)
+    full_probabilities_done: bool = False
 
 
 def _validate(explainer: Any, x: Any, threshold: Any, bins: Any) -> np.ndarray:
@@ -131,9 +142,10 @@ def _base_prediction(
     bins: np.ndarray | None,
     interval_summary: Any,
 ) -> dict[str, Any]:
-    """CE's prediction dict for the whole batch, with the same calls."""
-    from calibrated_explanations.utils.exceptions import CalibratedError
+    """CE's prediction dict for the batch, but ``__full_probabilities__``.
 
+    That key comes later, from :func:`add_full_probabilities`.
+    """
     predict, low, high, predicted_class = (
         explainer.prediction_orchestrator.predict_internal(
             x,
@@ -151,14 +163,29 @@ def _base_prediction(
         "high": high,
         "classes": predicted_class if multiclass else np.ones(predict.shape),
     }
-    if explainer.mode == "classification":
-        # CE omits the key when the calibrator cannot give it.
-        with contextlib.suppress(AttributeError, CalibratedError):
-            learner = explainer.interval_learner
-            prediction["__full_probabilities__"] = learner.predict_proba(
-                x, bins=bins, interval_summary=interval_summary
-            )
     return prediction
+
+
+def add_full_probabilities(plan: FactualPlan) -> None:
+    """Add CE's ``__full_probabilities__`` to ``plan.prediction``, once.
+
+    CE stores the batch's calibrated probability matrix in every
+    classification explanation. Only the explanations read it, so the plugin
+    computes it after the chunks are dispatched, while workers compute.
+    """
+    from calibrated_explanations.utils.exceptions import CalibratedError
+
+    explainer, prediction = plan.explainer, plan.prediction
+    if explainer.mode != "classification" or plan.full_probabilities_done:
+        return
+    plan.full_probabilities_done = True
+    batch = plan.batch
+    # CE omits the key when the calibrator cannot give it.
+    with contextlib.suppress(AttributeError, CalibratedError):
+        learner = explainer.interval_learner
+        prediction["__full_probabilities__"] = learner.predict_proba(
+            plan.x, bins=batch.bins, interval_summary=batch.interval_summary
+        )
 
 
 def _ignored_rows(
@@ -320,6 +347,8 @@ def prepare(
         cat_counts=tables["cat_counts"],
         cat_current=tables["cat_current"],
         base_predict=np.ascontiguousarray(prediction["predict"], dtype=np.float64),
+        base_low=np.asarray(prediction["low"]),
+        base_high=np.asarray(prediction["high"]),
         classes=np.asarray(prediction["classes"]),
         bins=bins_array,
         threshold=(
@@ -332,9 +361,19 @@ def prepare(
         interval_summary=interval_summary,
         ignored_rows=ignored_rows,
         ignored_sources=ignored_sources,
+        features_to_ignore=np.asarray(ignore),
     )
-    if model is None or model.explainer is not explainer:
-        model = ModelState(explainer=explainer, num_features=int(x.shape[1]))
+    if (
+        model is None
+        or model.explainer is not explainer
+        or model.rule_context is None
+        or not model.rule_context.matches(explainer)
+    ):
+        model = ModelState(
+            explainer=explainer,
+            num_features=int(x.shape[1]),
+            rule_context=RuleContext.of(explainer),
+        )
     return FactualPlan(
         explainer=explainer,
         model=model,
@@ -375,6 +414,13 @@ def explain_chunk(rows: Any, model: ModelState, batch: BatchState) -> dict[str, 
     if isinstance(rows, slice):
         rows = range(*rows.indices(batch.x.shape[0]))
     rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
+    with gc_paused():  # the rules allocate many small containers
+        return _explain_rows(rows, model, batch)
+
+
+def _explain_rows(
+    rows: np.ndarray, model: ModelState, batch: BatchState
+) -> dict[str, Any]:
     perturbed, row_instance, row_feature, row_kind, row_slot = kernels.perturb(
         batch.x,
         rows,
@@ -425,6 +471,15 @@ def explain_chunk(rows: Any, model: ModelState, batch: BatchState) -> dict[str, 
         batch.cat_counts,
     )
     result["rows"] = rows
+    result["rules"], result["conditions"] = chunk_rules(
+        rows.tolist(),
+        batch.x,
+        result["feature_predict"],
+        (batch.base_predict, batch.base_low, batch.base_high),
+        batch.classes,
+        model.rule_context,
+        batch.features_to_ignore,
+    )
     if batch.ignored_rows is not None:
         result["ignored_binned"] = np.stack(
             (predict[n_perturbed:], low[n_perturbed:], high[n_perturbed:])
