@@ -150,7 +150,8 @@ def chunk_rules(
     Returns
     -------
     rules : list of dict
-        CE's rules of each instance, ``sampled_values`` set to None.
+        CE's rules of each instance, ``sampled_values`` set to None and
+        float lists packed (:func:`build_explanation` unpacks them).
     conditions : list of list of str
         CE's rule conditions of each instance.
     """
@@ -181,9 +182,56 @@ def chunk_rules(
         )
         rules = shell.get_rules()
         rules["sampled_values"] = None
-        out_rules.append(rules)
+        out_rules.append(_pack(rules))
         out_conditions.append(shell.conditions)
     return out_rules, out_conditions
+
+
+@final
+class _Floats:
+    """A rules list of numpy float64 scalars, carried as one array."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Floats, (self.array,))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _Floats and np.array_equal(self.array, other.array)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable contents, as a list
+
+
+def _pack(rules: dict[str, Any]) -> dict[str, Any]:
+    """Carry each list of float64 scalars as one array (cheap to pickle).
+
+    A list of 256 numpy scalars pickles one object at a time, which was most
+    of a W2 chunk result's pickling time; the caller rebuilds the very same
+    scalars (:func:`_unpack`). Lists holding anything else (a Python float
+    ``inf`` in CE's weight bounds, strings, ints) travel as they are.
+    """
+    out: dict[str, Any] = {}
+    for key, values in rules.items():
+        if (
+            type(values) is list
+            and values
+            and all(type(value) is np.float64 for value in values)
+        ):
+            out[key] = _Floats(np.array(values, dtype=np.float64))
+        else:
+            out[key] = values
+    return out
+
+
+def _unpack(rules: dict[str, Any]) -> dict[str, Any]:
+    """Undo :func:`_pack`: lists of numpy float64 scalars, keys in order."""
+    return {
+        key: list(value.array) if type(value) is _Floats else value
+        for key, value in rules.items()
+    }
 
 
 def build_explanation(
@@ -227,6 +275,7 @@ def build_explanation(
     )
     explanation._check_preconditions()  # a step of CE's constructor
     explanation.conditions = conditions
+    rules = _unpack(rules)
     rule_values = explanation.binned["rule_values"]
     rules["sampled_values"] = [rule_values[f][0][-1] for f in rules["feature"]]
     explanation.rules = rules
