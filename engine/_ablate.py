@@ -3,7 +3,7 @@
 Protocol (BENCH.md): each configuration runs once to warm up (pools started,
 kernels compiled), then every round runs all configurations one after the
 other, in a rotated order, and the medians are compared as ratios measured in
-the same run. Prints a table, writes JSON, draws a PNG when matplotlib is
+the same run. Fast workloads get extra rounds (``ROUND_BUDGET_S``). Prints a table, writes JSON, draws a PNG when matplotlib is
 installed, and reports the issue's targets for the auto strategy.
 """
 
@@ -29,6 +29,12 @@ from engine._workloads import (
 
 FIXED = tuple(name for name in STRATEGY_CONFIGS if name != "auto")
 ALL_IDS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7")
+# Workloads of a few milliseconds get extra rounds while their rounds so far
+# took less than ROUND_BUDGET_S, up to MAX_ROUNDS: with 3 rounds, W6's
+# 5 ms medians moved by 10-15 % between runs and the smallest of seven noisy
+# medians (the "best fixed strategy") was biased low.
+ROUND_BUDGET_S = 2.0
+MAX_ROUNDS = 25
 
 
 def _versions() -> dict[str, str | None]:
@@ -77,15 +83,23 @@ def measure(
     progress(f"{workload.id}: building data")
     workload.setup(quick)
     samples: dict[str, list[float]] = {name: [] for name in configs}
+    round_index = 0
+    spent = 0.0
     try:
         for name in configs:
             progress(f"{workload.id}: warm-up {name}")
             workload.run(name)
-        for round_index in range(rounds):
+        while round_index < rounds or (
+            round_index < MAX_ROUNDS and spent < ROUND_BUDGET_S
+        ):
             shift = round_index % len(configs)
             for name in configs[shift:] + configs[:shift]:
-                progress(f"{workload.id}: round {round_index + 1}/{rounds} {name}")
-                samples[name].append(_time(lambda name=name: workload.run(name)))
+                if round_index < rounds:
+                    progress(f"{workload.id}: round {round_index + 1}/{rounds} {name}")
+                took = _time(lambda name=name: workload.run(name))
+                samples[name].append(took)
+                spent += took
+            round_index += 1
     finally:
         workload.close()
     medians = {name: statistics.median(values) for name, values in samples.items()}
@@ -96,7 +110,7 @@ def measure(
     return {
         "title": workload.title,
         "baseline": workload.baseline,
-        "rounds": rounds,
+        "rounds": round_index,
         "median_s": medians,
         "ratio_to_baseline": ratios,
         "skipped": skipped,

@@ -524,8 +524,13 @@ class ParallelExecutor:
             batch = 1
             while len(probe) < n_items:
                 done = len(probe)
+                part = items[done : done + batch]
+                # map() without extra arguments: W4's 10,000 trivial items
+                # ran 11 % slower than the serial strategy through a generator.
                 probe.extend(
-                    fn(item, *local_args) for item in items[done : done + batch]
+                    map(fn, part)
+                    if not local_args
+                    else [fn(item, *local_args) for item in part]
                 )
                 elapsed = time.perf_counter() - started
                 # Past the probe, keep going in the caller while the whole run

@@ -116,11 +116,18 @@ if "--multiprocessing-fork" in sys.argv:
     raise SystemExit(3)
 """
 
+SITECUSTOMIZE_FORK = """
+import os
+# In the supervisor only: every process it forks (a worker) dies at once.
+if "_supervisor_main" in open("/proc/self/cmdline").read():
+    os.register_at_fork(after_in_child=lambda: os._exit(3))
+"""
+
 BROKEN_WORKERS = """
 import sys, warnings
 from engine import FallbackWarning, ParallelConfig, ParallelExecutor, StrategyUnavailableError
 
-config = ParallelConfig(strategy="processes", max_workers=2, start_method="spawn",
+config = ParallelConfig(strategy="processes", max_workers=2, start_method=START_METHOD,
                         min_batch_size=1)
 if __name__ == "__main__":
     try:
@@ -137,9 +144,25 @@ if __name__ == "__main__":
 """
 
 
-def test_workers_that_cannot_start(tmp_path: Path) -> None:
-    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(SITECUSTOMIZE))
-    done = _run(BROKEN_WORKERS, extra_path=str(tmp_path))
+@pytest.mark.parametrize(
+    ("start_method", "sitecustomize"),
+    [
+        ("spawn", SITECUSTOMIZE),
+        pytest.param(
+            "fork",
+            SITECUSTOMIZE_FORK,
+            marks=pytest.mark.skipif(
+                not sys.platform.startswith("linux"), reason="reads /proc"
+            ),
+        ),
+    ],
+)
+def test_workers_that_cannot_start(
+    tmp_path: Path, start_method: str, sitecustomize: str
+) -> None:
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(sitecustomize))
+    script = BROKEN_WORKERS.replace("START_METHOD", repr(start_method))
+    done = _run(script, extra_path=str(tmp_path))
     assert done.returncode == 0, done.stderr
     error = next(line for line in done.stdout.splitlines() if line.startswith("ERROR:"))
     assert "exited before connecting" in error
