@@ -54,8 +54,9 @@ DEFAULT_STREAM_CHUNK_SIZE = 8
 PROBE_MAX_ITEMS = 3
 PROBE_BUDGET_S = 0.05
 
-# Pool start-up seconds measured in this process, per strategy (auto's input).
-_STARTUP_S: dict[str, float] = {}
+# Pool start-up seconds measured in this process, per strategy and configured
+# start method (None: the platform default), auto's input.
+_STARTUP_S: dict[tuple[str, str | None], float] = {}
 
 _NO_ITEM = object()
 
@@ -315,7 +316,12 @@ class ParallelExecutor:
         available = tuple(
             name for name in strategies.available_strategies() if name != "dask"
         )
-        startup = {name: _STARTUP_S.get(name, 0.0) for name in available}
+        # Measured start-ups of this executor's start method; strategies never
+        # started in this process keep auto's defaults (a cold default-method
+        # pool took 2.6 s; assuming 0 made auto start one for 75 ms of work).
+        startup: dict[str, float | None] = {
+            name: _STARTUP_S.get((name, cfg.start_method)) for name in available
+        }
         startup.update(dict.fromkeys(warm, 0.0))
         task_bytes = cfg.task_size_hint_bytes
         if task_bytes is None and item is not _NO_ITEM:
@@ -501,7 +507,7 @@ class ParallelExecutor:
             return self._strategy("serial", 1), fallback
         elapsed = time.perf_counter() - started
         if elapsed > 0.005:  # a real start, not a warm pool: remember its cost
-            _STARTUP_S[plan.strategy] = elapsed
+            _STARTUP_S[(plan.strategy, self._config.start_method)] = elapsed
         return strategy, plan
 
     def _auto(

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import pytest
-from _tasks import shuffled_sleep, square
+from _tasks import shuffled_sleep, sleep_s, square
 
 from engine import ParallelConfig, ParallelExecutor
 from engine.executor import releases_gil
@@ -99,3 +99,23 @@ def test_forked_child_forgets_parent_runs_and_pools() -> None:
         os.close(read_end)
         assert answer == b"1"
         assert ex.telemetry.summary()["run_count"] == 1
+
+
+def test_a_pool_never_started_costs_its_default_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 60 ms of work: a warm process pool would halve it, but none has been
+    # started in this process, so auto counts auto.DEFAULT_STARTUP_S (a cold
+    # pool took 0.35-2.6 s here) and stays serial. An unmeasured start-up
+    # once counted as zero.
+    import engine.executor
+
+    monkeypatch.setattr(engine.executor, "_STARTUP_S", {})
+    config = ParallelConfig(
+        strategy="auto", prefer=("processes", "serial"), min_batch_size=1
+    )
+    with ParallelExecutor(config) as ex:
+        assert ex.map(sleep_s, range(6), 0.01) == list(range(6))
+        summary = ex.telemetry.summary()
+    assert summary["strategy"] == "serial", summary["reason"]
+    assert "processes 0.3" in summary["reason"]

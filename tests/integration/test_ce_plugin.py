@@ -116,6 +116,28 @@ def test_features_to_ignore_on_the_engine(data: dict[str, Any]) -> None:
         disable(wrapper)
 
 
+def test_gating_counts_instances_not_chunks(data: dict[str, Any]) -> None:
+    # min_batch_size=8 (the default): 20 instances are enough for the
+    # workers even though they travel as 5 chunks; 5 instances stay in the
+    # caller (no run on the executor).
+    wrapper = _explainer(data)
+    enable(wrapper, ParallelConfig(strategy="threads", max_workers=2))
+    try:
+        executor = executor_of(wrapper)
+        assert executor is not None
+        wrapper.explain_factual(data["x_test"][:5])
+        assert executor.telemetry.runs == []
+        _assert_same(
+            _explainer(data).explain_factual(data["x_test"][:20]),
+            wrapper.explain_factual(data["x_test"][:20]),
+        )
+        (run,) = executor.telemetry.runs
+        assert run.strategy == "threads"
+        assert run.items == run.chunks == 5
+    finally:
+        disable(wrapper)
+
+
 def test_disable_restores_ce_default(data: dict[str, Any]) -> None:
     wrapper = _explainer(data)
     enable(wrapper, ParallelConfig(strategy="serial"))

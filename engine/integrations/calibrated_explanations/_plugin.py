@@ -85,6 +85,7 @@ class _Binding:
 
     explainer: weakref.ref
     executor: ParallelExecutor
+    min_instances: int = 1  # the user's min_batch_size, counted in instances
     model: ModelState | None = None
     model_ref: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -170,13 +171,19 @@ def enable(explainer: Any, config: ParallelConfig | None = None) -> Any:
     """
     ce = _calibrated(explainer)
     _register()
-    executor = ParallelExecutor(
-        config if config is not None else ParallelConfig.from_env()
-    )
+    config = config if config is not None else ParallelConfig.from_env()
+    # The plugin gates on instances with the user's min_batch_size, as CE
+    # does; its executor then runs every list of row chunks (5 chunks of 20
+    # instances were gated to serial by the executor's own item count).
+    executor = ParallelExecutor(config.replace(min_batch_size=1))
     executor.__enter__()
     key = id(ce)
     _close(key)  # enabling twice replaces the first executor
-    binding = _Binding(explainer=weakref.ref(ce), executor=executor)
+    binding = _Binding(
+        explainer=weakref.ref(ce),
+        executor=executor,
+        min_instances=config.min_batch_size,
+    )
     with _bindings_lock:
         _bindings[key] = binding
     weakref.finalize(ce, _close, key)
@@ -283,7 +290,7 @@ class EngineFactualPlugin:
         n_rows = plan.batch.x.shape[0]
         workers = executor.config.max_workers or _usable_cpus()
         chunks = _row_chunks(n_rows, executor.config, workers)
-        if n_rows < executor.config.min_batch_size:
+        if n_rows < binding.min_instances:
             # Gating counts instances, as calibrated-explanations does; the
             # kernels still run, in the caller.
             results = iter([explain_chunk(np.arange(n_rows), plan.model, plan.batch)])
