@@ -197,6 +197,12 @@ class _Worker:
             elif kind == RELEASE:
                 self.functions.pop(run, None)
                 self.cancelled.discard(run)
+                if not self.functions:
+                    # The run's own segments are unlinked by the caller; a
+                    # mapping kept here would keep their memory.
+                    from engine import payload
+
+                    payload.detach_transient()
             if self.eof:
                 return
 

@@ -22,10 +22,8 @@ the crash net) live in ``engine._shm``.
 
 from __future__ import annotations
 
-import ast
+import dataclasses
 import io
-import os
-import pickle
 import threading
 import weakref
 from dataclasses import dataclass
@@ -36,6 +34,17 @@ import cloudpickle
 import numpy as np
 
 from engine import _shm
+from engine._attach import (
+    PayloadRef,
+    attach,
+    detach,
+    detach_all,
+    detach_transient,
+    loads,
+    readonly_view,
+    resolve,
+)
+from engine._leases import Leases
 
 # Re-exported: importable from here as before the segment code moved to _shm.
 from engine._shm import PREFIX as PREFIX
@@ -52,6 +61,7 @@ __all__ = [
     "attach",
     "detach",
     "detach_all",
+    "detach_transient",
     "ensure_tracker",
     "loads",
     "readonly_view",
@@ -67,57 +77,6 @@ DEFAULT_THRESHOLD_BYTES: Final = 1 << 20
 # floats, complex, datetime64/timedelta64, bytes, str, void/structured.
 _FLAT_KINDS: Final = frozenset("biufcmMSUV")
 _ARRAY_TYPES: Final = (np.ndarray, np.memmap)
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class PayloadRef:
-    """A small picklable handle to one shared array or object.
-
-    Attributes
-    ----------
-    key : str
-        Unique per shared object; the per-process attach cache key.
-    name : str
-        Segment name, ``cepe_<pid base36>_<random>`` (at most 30 chars).
-    kind : str
-        ``"array"`` (zero-copy view) or ``"object"`` (pickled bytes).
-    nbytes : int
-        Bytes of payload in the segment (the segment may be larger).
-    shape : tuple of int
-        Array shape; ``()`` for objects.
-    dtype : str
-        Array dtype as ``dtype.str``, or ``repr`` of its descr when
-        structured; ``""`` for objects.
-    order : str
-        ``"C"`` or ``"F"``: memory layout of the array in the segment.
-    offset : int
-        Byte offset of the payload in the segment.
-    """
-
-    key: str
-    name: str
-    kind: str
-    nbytes: int
-    shape: tuple[int, ...] = ()
-    dtype: str = ""
-    order: str = "C"
-    offset: int = 0
-
-
-def readonly_view(obj: Any) -> Any:
-    """Return a read-only view of an array, or ``obj`` itself otherwise.
-
-    Parameters
-    ----------
-    obj : object
-        Any value; only ``numpy.ndarray`` instances are wrapped.
-    """
-    if isinstance(obj, np.ndarray):
-        view = obj.view()
-        view.flags.writeable = False
-        return view
-    return obj
 
 
 def _is_flat(dtype: np.dtype) -> bool:
@@ -140,12 +99,6 @@ def _dtype_to_str(dtype: np.dtype) -> str:
     # Structured: dtype.str would be "|V16" and lose the fields; the .npy
     # descr (with padding entries) round-trips names, offsets and itemsize.
     return repr(np.lib.format.dtype_to_descr(dtype))
-
-
-def _dtype_from_str(text: str) -> np.dtype:
-    if text.startswith("["):
-        return np.lib.format.descr_to_dtype(ast.literal_eval(text))
-    return np.dtype(text)
 
 
 def _copy_in(
@@ -171,16 +124,27 @@ def _copy_in(
 class _SharingPickler(cloudpickle.Pickler):
     """cloudpickle that replaces large arrays and share()d objects by handles."""
 
-    def __init__(self, file: io.BytesIO, store: PayloadStore) -> None:
+    def __init__(
+        self, file: io.BytesIO, store: PayloadStore, used: set[str] | None
+    ) -> None:
         super().__init__(file, protocol=cloudpickle.DEFAULT_PROTOCOL)
         self._store = store
+        self._used = used
 
     def reducer_override(self, obj: Any) -> Any:
-        ref = self._store._ref_for_pickling(obj)
+        ref = self._store._ref_for_pickling(obj, self._used)
         if ref is not None:
             # Unpickling calls attach(ref): a view or the cached object.
             return attach, (ref,)
         return super().reducer_override(obj)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _Weak:
+    """How the store holds an array shared for runs: not keeping it alive."""
+
+    ref: weakref.ref
 
 
 @final
@@ -219,6 +183,7 @@ class PayloadStore:
         self._by_id: dict[int, tuple[PayloadRef, Any]] = {}
         self._by_key: dict[str, Any] = {}
         self._views: dict[str, Any] = {}
+        self._leases = Leases()
         self._bytes_shared = 0
         register_fork_reset(self)
 
@@ -249,9 +214,15 @@ class PayloadStore:
             return obj
         with self._lock:
             self._check_open()
-            known = self._by_id.get(id(obj))
+            known = self._known(obj)
+            if known is not None and known.transient:
+                # Shared for a run so far: now for the store's life.
+                self._leases.forget(known.key)
+                known = dataclasses.replace(known, transient=False)
+                self._by_id[id(obj)] = (known, obj)
+                self._by_key[known.key] = obj
             if known is not None:
-                return known[0]
+                return known
             if _is_shareable_array(obj):
                 ref = self._share_array(obj)
             else:
@@ -282,7 +253,17 @@ class PayloadStore:
             self._owned.segments.pop(segment.name, None)
         _shm.close_and_unlink(segment)
 
-    def _share_array(self, array: np.ndarray) -> PayloadRef:
+    def _known(self, obj: Any) -> PayloadRef | None:
+        """The handle of ``obj`` if this very object was shared, else None."""
+        entry = self._by_id.get(id(obj))
+        if entry is None:
+            return None
+        ref, holder = entry
+        if type(holder) is _Weak:  # transient: the id may be a new object's
+            return ref if holder.ref() is obj else None
+        return ref
+
+    def _share_array(self, array: np.ndarray, *, transient: bool = False) -> PayloadRef:
         # Keep Fortran order; anything not contiguous is copied C-contiguous
         # by the single copy into the segment below.
         order = (
@@ -303,6 +284,7 @@ class PayloadStore:
             shape=tuple(array.shape),
             dtype=_dtype_to_str(array.dtype),
             order=order,
+            transient=transient,
         )
 
     def _share_object(self, obj: Any) -> PayloadRef:
@@ -324,22 +306,60 @@ class PayloadStore:
             key=segment.name, name=segment.name, kind="object", nbytes=len(data)
         )
 
-    def _ref_for_pickling(self, obj: Any) -> PayloadRef | None:
+    def _ref_for_pickling(self, obj: Any, used: set[str] | None) -> PayloadRef | None:
         """Return the handle replacing ``obj`` in ``dumps``, or None to pickle it."""
         if type(obj) in _ARRAY_TYPES:
-            known = self._by_id.get(id(obj))
-            if known is not None:
-                return known[0]
+            with self._lock:
+                known = self._known(obj)
+                if known is not None:
+                    if used is not None:
+                        self._leases.take(known.key, used)
+                    return known
             if obj.nbytes >= self.threshold_bytes and _is_flat(obj.dtype):
-                return self.share(obj)
+                if used is None:
+                    return self.share(obj)
+                return self._share_for_run(obj, used)
             return None
         if self._by_id:
-            known = self._by_id.get(id(obj))
-            if known is not None:
-                return known[0]
+            return self._known(obj)
         return None
 
-    def dumps(self, obj: Any) -> bytes:
+    def _share_for_run(self, array: np.ndarray, used: set[str]) -> PayloadRef:
+        """Share ``array`` in a transient segment leased by the run ``used``."""
+        with self._lock:
+            self._check_open()
+            self._unlink_leased(self._leases.reap())
+            ref = self._share_array(array, transient=True)
+            holder = self._leases.add(ref.key, array)
+            self._leases.take(ref.key, used)
+            self._by_id[id(array)] = (ref, _Weak(holder))
+            self._bytes_shared += ref.nbytes
+            return ref
+
+    def release(self, used: set[str]) -> None:
+        """End a run's lease on its transient segments (see ``dumps``).
+
+        A segment no run uses is unlinked once its original array is gone;
+        until then a later run with the same array reuses it.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._unlink_leased(self._leases.release(used))
+            self._unlink_leased(self._leases.reap())
+
+    def _unlink_leased(self, keys: list[tuple[str, int]]) -> None:
+        for key, object_id in keys:
+            entry = self._by_id.get(object_id)
+            if entry is not None and entry[0].key == key:
+                del self._by_id[object_id]
+            self._views.pop(key, None)
+            with self._owned.lock:
+                segment = self._owned.segments.get(key)
+            if segment is not None:
+                self._drop(segment)
+
+    def dumps(self, obj: Any, *, used: set[str] | None = None) -> bytes:
         """Pickle ``obj`` with large arrays and shared objects as handles.
 
         Parameters
@@ -352,6 +372,11 @@ class PayloadStore:
             handle, except exact ``dict``/``list``/``tuple``/``set``/``str``
             instances, which pickle never offers for replacement (pass
             their handle instead).
+        used : set of str, optional
+            A run's lease set: arrays shared here are then transient (for
+            the run, not the store's life) and their keys are added to it;
+            pass it to ``release`` when the run ends. Without it, shared
+            arrays stay until ``close()``.
 
         Returns
         -------
@@ -365,7 +390,7 @@ class PayloadStore:
         """
         self._check_open()
         buffer = io.BytesIO()
-        _SharingPickler(buffer, self).dump(obj)
+        _SharingPickler(buffer, self, used).dump(obj)
         return buffer.getvalue()
 
     # -- reading in the owner ------------------------------------------------------
@@ -428,6 +453,7 @@ class PayloadStore:
             self._by_id.clear()
             self._by_key.clear()
             self._views.clear()
+            self._leases.clear()
         _shm.unlink_owned(self._owned)
         self._finalizer.detach()
 
@@ -441,6 +467,7 @@ class PayloadStore:
         self._by_id = {}
         self._by_key = {}
         self._views = {}
+        self._leases = Leases()
         self._bytes_shared = 0
 
     def __enter__(self) -> PayloadStore:
@@ -465,167 +492,3 @@ class PayloadStore:
 
 
 _ABSENT: Final = object()
-
-
-# -- the worker side (any process) --------------------------------------------
-
-# key -> (value, segment or None). Filled by attach(), emptied by detach_all()
-# and in forked children (the values may hold locks or threads of the parent).
-_attached: dict[str, tuple[Any, shared_memory.SharedMemory | None]] = {}
-_attach_lock = threading.RLock()
-_hooks_installed = False
-
-
-def _reset_process_state() -> None:
-    """Fork reset of this module: fresh locks, empty cache, real tracker hook."""
-    global _attached, _attach_lock
-    _shm.reset_tracker_after_fork()
-    _attach_lock = threading.RLock()
-    # Dropped, not closed: the child's own views may still use the mappings.
-    _attached = {}
-
-
-def _install_hooks() -> None:
-    global _hooks_installed
-    if not _hooks_installed:
-        _hooks_installed = True
-        register_fork_reset(_reset_process_state)
-
-
-def _gone(ref: PayloadRef, exc: BaseException) -> PayloadError:
-    msg = (
-        f"shared-memory segment {ref.name!r} ({ref.kind}, {ref.nbytes} bytes) cannot "
-        f"be attached: {exc}. Its PayloadStore was closed or its process died; keep "
-        "the executor open (inside its with-block) while tasks use its payloads."
-    )
-    return PayloadError(msg)
-
-
-def _attach_new(ref: PayloadRef) -> tuple[Any, shared_memory.SharedMemory | None]:
-    try:
-        segment = _shm.open_attached(ref.name)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        raise _gone(ref, exc) from exc
-    try:
-        if segment.size < ref.offset + ref.nbytes:
-            msg = (
-                f"shared-memory segment {ref.name!r} holds {segment.size} bytes, "
-                f"fewer than the {ref.offset + ref.nbytes} its handle describes; "
-                "the handle does not belong to this segment."
-            )
-            raise PayloadError(msg)
-        if ref.kind == "object":
-            start = ref.offset
-            try:
-                with segment.buf[start : start + ref.nbytes] as data:
-                    value = pickle.loads(data)
-            except Exception as exc:
-                msg = (
-                    f"the object shared in segment {ref.name!r} cannot be unpickled "
-                    f"in process {os.getpid()}: {exc!r}. Its class must be importable "
-                    "in workers: define it in an installed module or the script."
-                )
-                raise PayloadError(msg) from exc
-            _shm.close_quietly(segment)  # the object is a copy; no handle needed
-            return readonly_view(value), None
-        dtype = _dtype_from_str(ref.dtype)
-        if ref.nbytes == 0:
-            # Empty (or zero-itemsize) arrays hold no bytes: nothing to map.
-            _shm.close_quietly(segment)
-            empty = np.ndarray(ref.shape, dtype, buffer=b"", order=ref.order)  # type: ignore[call-overload]
-            return empty, None
-        # frombuffer over a read-only memoryview keeps the memoryview as the
-        # base, so the WRITEABLE flag cannot be turned back on (np.ndarray
-        # (buffer=...) would expose the writable mmap underneath): one task
-        # cannot corrupt another's input.
-        count = ref.nbytes // dtype.itemsize
-        flat = np.frombuffer(
-            segment.buf.toreadonly(), dtype=dtype, count=count, offset=ref.offset
-        )
-        view = flat.reshape(ref.shape, order=ref.order)  # type: ignore[call-overload]
-        return view, segment
-    except BaseException:
-        _shm.close_quietly(segment)
-        raise
-
-
-def attach(ref: PayloadRef) -> Any:
-    """Return the value behind ``ref``, attached once per process.
-
-    Parameters
-    ----------
-    ref : PayloadRef
-        A handle from ``PayloadStore.share`` or ``dumps``.
-
-    Returns
-    -------
-    object
-        For an array, a zero-copy read-only view into the segment
-        (``flags.writeable`` is False); for an object, its unpickled value,
-        the same object on every call in this process.
-
-    Raises
-    ------
-    PayloadError
-        The segment is gone (the owner closed it or died), naming it.
-
-    Notes
-    -----
-    Attaching never registers with the resource tracker and never unlinks
-    (gh-82300), so a worker's exit or SIGKILL leaves the segment to its owner.
-    """
-    cached = _attached.get(ref.key)
-    if cached is not None:
-        return cached[0]
-    with _attach_lock:
-        _install_hooks()
-        cached = _attached.get(ref.key)
-        if cached is None:
-            cached = _attached[ref.key] = _attach_new(ref)
-        return cached[0]
-
-
-def resolve(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Replace top-level ``PayloadRef`` elements of ``args`` by ``attach``."""
-    return tuple(attach(a) if isinstance(a, PayloadRef) else a for a in args)
-
-
-def loads(data: bytes) -> Any:
-    """Unpickle what ``PayloadStore.dumps`` made, attaching its handles.
-
-    Parameters
-    ----------
-    data : bytes
-        Output of ``PayloadStore.dumps`` (or any pickle).
-    """
-    return pickle.loads(data)
-
-
-def detach(ref: PayloadRef) -> None:
-    """Drop this process's cached attachment of ``ref`` (never unlinks).
-
-    Notes
-    -----
-    The mapping is closed now if no view of it is alive, else when the last
-    view is collected.
-    """
-    with _attach_lock:
-        cached = _attached.pop(ref.key, None)
-    if cached is not None and cached[1] is not None:
-        _shm.close_quietly(cached[1])
-
-
-def detach_all() -> None:
-    """Drop every cached attachment of this process (never unlinks).
-
-    Notes
-    -----
-    Workers call it at exit. Mappings still used by live views are closed
-    when those views are collected.
-    """
-    global _attached
-    with _attach_lock:
-        attached, _attached = _attached, {}
-    for _, segment in attached.values():
-        if segment is not None:
-            _shm.close_quietly(segment)

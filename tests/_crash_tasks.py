@@ -171,6 +171,18 @@ def clock_after(x: int, seconds: float = 0.0) -> float:
     return started
 
 
+def mapped_segments(_: Any) -> list[str]:
+    """The engine's shared-memory segments this process maps (Linux)."""
+    with open("/proc/self/maps") as maps:
+        return sorted(
+            {
+                line.split("/dev/shm/", 1)[1].strip()
+                for line in maps
+                if "/dev/shm/cepe_" in line
+            }
+        )
+
+
 def environment_of(_: Any, names: tuple[str, ...]) -> dict[str, str | None]:
     return {name: os.environ.get(name) for name in names}
 

@@ -61,11 +61,16 @@ def unpicklable_error(
     return pickle.PicklingError(msg)
 
 
-def dump_items(store: PayloadStore, chunk: Chunk) -> bytes:
-    """Pickle a non-plain chunk with ``store``; name the item that cannot pickle."""
+def dump_items(
+    store: PayloadStore, chunk: Chunk, used: set[str] | None = None
+) -> bytes:
+    """Pickle a non-plain chunk with ``store``; name the item that cannot pickle.
+
+    ``used``: the run's lease set, for arrays shared for the run only.
+    """
     items = chunk.items
     try:
-        data = store.dumps(items)
+        data = store.dumps(items, used=used)
     except PayloadError:
         raise
     except Exception:

@@ -326,25 +326,26 @@ class ProcessesStrategy(Strategy):
         return store
 
     def _dump_function(
-        self, fn: Callable[..., Any], extra_args: tuple[Any, ...]
+        self, fn: Callable[..., Any], extra_args: tuple[Any, ...], used: set[str]
     ) -> bytes:
         """Pickle ``(fn, extra_args)`` once per map, before anything is sent."""
         store = self._store()
         try:
-            return store.dumps((fn, tuple(extra_args)))
+            return store.dumps((fn, tuple(extra_args)), used=used)
         except PayloadError:
             raise
         except Exception as exc:
             raise unpicklable_error(store, fn, extra_args, exc) from exc
 
-    def _encode(self, chunk: Chunk) -> bytes:
+    def _encode(self, chunk: Chunk, used: set[str]) -> bytes:
         # Plain items (numbers, strings, tuples of them) take the C pickler
         # directly; anything else goes through the store, which moves large
-        # arrays to shared memory and replaces shared objects by handles.
+        # arrays to shared memory (for this run: ``used``) and replaces
+        # shared objects by handles.
         items = chunk.items
         if is_plain(items):
             return pickle.dumps(items, protocol=5)
-        data = dump_items(self._store(), chunk)
+        data = dump_items(self._store(), chunk, used)
         self._register_segments()
         return data
 
@@ -388,9 +389,16 @@ class ProcessesStrategy(Strategy):
         began = time.perf_counter()
         # FAULTS.md #4: pickled here, once per map, before any chunk is
         # sent: an unpicklable fn or argument is named and nothing runs.
-        fn_blob = self._dump_function(fn, extra_args)
-        self._register_segments()
-        run = dispatcher.open_run(fn_blob, ctx.recorder, ctx.cancel_grace_s)
+        # Keys of the segments shared for this run only (arrays found in the
+        # function, its arguments and the items): released when it ends.
+        used: set[str] = set()
+        try:
+            fn_blob = self._dump_function(fn, extra_args, used)
+            self._register_segments()
+            run = dispatcher.open_run(fn_blob, ctx.recorder, ctx.cancel_grace_s)
+        except BaseException:
+            self._store().release(used)
+            raise
         counts = MapCounts()
         counts.dispatch_overhead_s += time.perf_counter() - began
         pending: dict[int, Chunk] = {}
@@ -414,7 +422,7 @@ class ProcessesStrategy(Strategy):
                     run.observe(counts.total_chunks, counts.total_compute_s)
                     counts.flush(ctx.recorder)  # adaptive chunk sizes read these
                     exhausted = self._refill(
-                        dispatcher, run, source, pending, limit, counts
+                        dispatcher, run, source, pending, limit, counts, used
                     )
                 if not pending:
                     return
@@ -431,7 +439,7 @@ class ProcessesStrategy(Strategy):
                         if kind is _RESULT:
                             done[index] = outcome
                         elif kind is _LOST:  # its pack's worker died: again
-                            self._resend(dispatcher, run, pending[index], counts)
+                            self._resend(dispatcher, run, pending[index], counts, used)
                         else:  # raises, or re-runs a crashed chunk serially
                             done[index] = self._settle(
                                 pending.get(index), outcome, fn, extra_args, ctx, counts
@@ -455,6 +463,7 @@ class ProcessesStrategy(Strategy):
             # consumer closing imap): stop dispatching, cancel what runs.
             counts.flush(ctx.recorder)
             dispatcher.stop_run(run, reason)
+            self._store().release(used)
 
     def _refill(
         self,
@@ -464,6 +473,7 @@ class ProcessesStrategy(Strategy):
         pending: dict[int, Chunk],
         limit: int,
         counts: MapCounts,
+        used: set[str],
     ) -> bool:
         """Encode chunks until ``limit`` are outstanding; True when exhausted.
 
@@ -503,7 +513,7 @@ class ProcessesStrategy(Strategy):
                 continue
             if group:
                 close_group()
-            data = self._encode(chunk)
+            data = self._encode(chunk, used)
             batch.append(Outgoing(chunk.index, chunk.start, data, now))
             counts.bytes_pickled += len(data)
         if group:
@@ -515,10 +525,15 @@ class ProcessesStrategy(Strategy):
         return exhausted
 
     def _resend(
-        self, dispatcher: Dispatcher, run: Run, chunk: Chunk, counts: MapCounts
+        self,
+        dispatcher: Dispatcher,
+        run: Run,
+        chunk: Chunk,
+        counts: MapCounts,
+        used: set[str],
     ) -> None:
         """Send a chunk of a lost pack again, alone (its results never came)."""
-        data = self._encode(chunk)
+        data = self._encode(chunk, used)
         run.enqueue([Outgoing(chunk.index, chunk.start, data, time.monotonic())])
         dispatcher.wake()
         counts.bytes_pickled += len(data)

@@ -24,10 +24,12 @@ from _crash_tasks import (
     clock_after,
     environment_of,
     identity,
+    mapped_segments,
     numba_double,
     pid_after,
     sleep_then,
 )
+from _tasks import array_sum
 
 from engine import (
     BrokenExecutorError,
@@ -183,6 +185,53 @@ def test_an_unconsumed_imap_is_cancelled_when_dropped() -> None:
         began = time.monotonic()
         assert ex.map(identity, range(8), chunk_size=1) == list(range(8))
         assert time.monotonic() - began < 2.0
+
+
+def _own_segments() -> list[str]:
+    prefix = f"cepe_{np.base_repr(os.getpid(), 36).lower()}_"
+    return [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]
+
+
+@LINUX_ONLY
+def test_arrays_shared_for_a_map_do_not_pile_up() -> None:
+    # A warm executor fed a fresh large array per map (the CE plugin's
+    # per-call tables) must not keep every one of them in /dev/shm.
+    rng = np.random.default_rng(0)
+    with ParallelExecutor(_config()) as ex:
+        # The pool's own segment (the workers' progress board) stays.
+        board = ex.map(mapped_segments, range(4), chunk_size=1)
+        before = len(_own_segments())
+        for _ in range(6):
+            array = rng.random(300_000)  # 2.4 MB: over the 1 MiB threshold
+            expected = [array_sum(x, array) for x in range(4)]
+            assert ex.map(array_sum, range(4), array, chunk_size=1) == expected
+            del array
+        # The last array's segment goes at the next run or at close.
+        assert len(_own_segments()) - before <= 1
+        # Workers dropped their mappings when the runs were released.
+        assert ex.map(mapped_segments, range(4), chunk_size=1) == board
+
+
+@LINUX_ONLY
+def test_an_array_kept_by_the_caller_is_shared_once_across_maps() -> None:
+    array = np.arange(300_000, dtype=np.float64)
+    with ParallelExecutor(_config()) as ex:
+        ex.map(identity, range(2))
+        pool_segments = len(_own_segments())  # the workers' progress board
+        for _ in range(3):
+            ex.map(array_sum, range(4), array, chunk_size=1)
+        shared = [run.bytes_shared for run in ex.telemetry.runs]
+        assert shared == [0, array.nbytes, 0, 0]
+        handle = ex.share(array)  # now for the executor's life
+        assert not handle.transient
+        assert ex.map(array_sum, range(2), handle) == [
+            array_sum(x, array) for x in range(2)
+        ]
+        del array
+        ex.map(identity, range(4))
+        # Kept: share() holds it until close.
+        assert len(_own_segments()) == pool_segments + 1
+    assert _own_segments() == []
 
 
 def test_concurrent_maps_from_threads() -> None:

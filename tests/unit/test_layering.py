@@ -25,6 +25,8 @@ LAYERS = {
     "engine._chunks": 1,
     "engine.forksafe": 1,
     "engine.payload": 2,
+    "engine._attach": 2,
+    "engine._leases": 2,
     "engine._shm": 2,
     "engine._wire": 2,
     "engine._worker": 2,
