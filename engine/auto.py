@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final, final
 
 # A run whose whole serial cost is below this never goes parallel: even a warm
@@ -170,3 +170,44 @@ def choose(estimate: Estimate) -> Choice:
     return Choice(
         best, workers, chunk, f"predicted {summary} vs serial {serial_s:.3f}s"
     )
+
+
+def choose_amortised(estimate: Estimate, forgone_s: float) -> tuple[Choice, float]:
+    """:func:`choose`, with a cold pool's start-up paid off over repeated runs.
+
+    A run that a warm pool would speed up, but not enough to pay the pool's
+    start-up, stays serial; the gain it forgoes is added up by the caller (per
+    executor) and passed back as ``forgone_s``. Once the gains forgone reach
+    the start-up cost, the pool is started (the ski-rental rule: never pay
+    more than twice what knowing the future would have cost). An executor
+    asked again and again for the same 100 ms of work starts its pool after a
+    few calls instead of never.
+
+    Returns
+    -------
+    choice : Choice
+        What to run.
+    gain_s : float
+        The gain this run forgoes by running serially (0 when it does not).
+    """
+    choice = choose(estimate)
+    if choice.strategy != "serial" or not estimate.n_items:
+        return choice, 0.0
+    if estimate.item_cost_s is None:
+        return choice, 0.0
+    warm_estimate = replace(estimate, startup_s=dict.fromkeys(estimate.available, 0.0))
+    warm = choose(warm_estimate)
+    if warm.strategy == "serial":
+        return choice, 0.0
+    work = estimate.n_items * estimate.item_cost_s
+    gain = work - predict_s(warm.strategy, warm_estimate, warm.max_workers)
+    start = estimate.startup_s.get(
+        warm.strategy, DEFAULT_STARTUP_S.get(warm.strategy, 1.0)
+    )
+    if gain > 0 and forgone_s + gain >= start:
+        reason = (
+            f"{warm.reason}; its {start:.3f}s start-up is paid off by "
+            f"{forgone_s + gain:.3f}s forgone in serial runs"
+        )
+        return Choice(warm.strategy, warm.max_workers, warm.chunk_size, reason), gain
+    return choice, max(0.0, gain)

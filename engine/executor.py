@@ -29,7 +29,12 @@ from engine import _env, strategies
 from engine._chunks import AdaptiveChunks, Chunk, default_chunk_size, make_chunks
 from engine._context import usable_cpu_count
 from engine._state import ExecutorState, Lifecycle, is_nested
-from engine.auto import MIN_PARALLEL_WORK_S, TARGET_CHUNK_S, Estimate, choose
+from engine.auto import (
+    MIN_PARALLEL_WORK_S,
+    TARGET_CHUNK_S,
+    Estimate,
+    choose_amortised,
+)
 from engine.config import ParallelConfig
 from engine.errors import (
     CancelledError,
@@ -144,6 +149,8 @@ class ParallelExecutor:
         self._unavailable: dict[str, StrategyUnavailableError] = {}
         self._payloads: PayloadStore | None = None
         self._active: set[RunContext] = set()
+        # auto: gains forgone by running serially while a pool was cold.
+        self._forgone_s = 0.0
         self.telemetry = Telemetry(callback=config.telemetry)
         # A forked child must not drive its parent's pools, nor count its runs.
         register_fork_reset(self)
@@ -160,6 +167,7 @@ class ParallelExecutor:
         self._unavailable = {}
         self._payloads = None
         self._active = set()
+        self._forgone_s = 0.0
         self.telemetry = Telemetry(callback=self._config.telemetry)
 
     # -- lifecycle -------------------------------------------------------------
@@ -326,7 +334,7 @@ class ParallelExecutor:
         task_bytes = cfg.task_size_hint_bytes
         if task_bytes is None and item is not _NO_ITEM:
             task_bytes = _pickled_size(item)
-        choice = choose(
+        choice, forgone_s = choose_amortised(
             Estimate(
                 n_items=n_items,
                 usable_cpus=usable_cpu_count(),
@@ -338,8 +346,11 @@ class ParallelExecutor:
                 task_bytes=task_bytes,
                 shared_bytes=shared_bytes,
                 startup_s={k: v for k, v in startup.items() if v is not None},
-            )
+            ),
+            self._forgone_s,
         )
+        with self._lock:
+            self._forgone_s += forgone_s
         return _Plan(
             choice.strategy, choice.max_workers, choice.chunk_size, choice.reason, False
         )

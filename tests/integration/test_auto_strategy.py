@@ -119,3 +119,23 @@ def test_a_pool_never_started_costs_its_default_start_up(
         summary = ex.telemetry.summary()
     assert summary["strategy"] == "serial", summary["reason"]
     assert "processes 0.3" in summary["reason"]
+
+
+def test_repeated_runs_pay_off_a_cold_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each map is 100 ms of work that a warm pool would halve, too little to
+    # pay a cold pool's default start-up (0.35 s) at once: auto stays serial,
+    # adds up the gains it forgoes, and starts the pool once they reach it.
+    import engine.executor
+
+    monkeypatch.setattr(engine.executor, "_STARTUP_S", {})
+    config = ParallelConfig(
+        strategy="auto", prefer=("processes", "serial"), min_batch_size=1
+    )
+    with ParallelExecutor(config) as ex:
+        for _ in range(10):
+            assert ex.map(sleep_s, range(10), 0.01) == list(range(10))
+        strategies = [run.strategy for run in ex.telemetry.runs]
+    first = strategies.index("processes")
+    assert 4 <= first <= 9, strategies
+    assert set(strategies[:first]) == {"serial"}
+    assert set(strategies[first:]) == {"processes"}, strategies

@@ -9,6 +9,7 @@ from engine.auto import (
     TARGET_CHUNK_S,
     Estimate,
     choose,
+    choose_amortised,
     chunk_size_for,
     predict_s,
 )
@@ -109,3 +110,47 @@ def test_chunk_size_for(
     cost: float | None, n_items: int, workers: int, expected: int
 ) -> None:
     assert chunk_size_for(cost, n_items, workers) == expected
+
+
+# 100 ms of GIL-bound work: a warm process pool halves it, a cold one costs
+# its 0.35 s default start-up.
+REPEATED = _estimate(n_items=10, item_cost_s=10 * MS, available=("serial", "processes"))
+
+
+def test_a_cold_pool_stays_serial_and_counts_the_gain_forgone() -> None:
+    choice, gain = choose_amortised(REPEATED, 0.0)
+    assert choice.strategy == "serial"
+    expected = 0.1 - predict_s(
+        "processes",
+        Estimate(**{**REPEATED.__dict__, "startup_s": {"processes": 0.0}}),
+        2,
+    )
+    assert gain == pytest.approx(expected)
+    assert 0.04 < gain < 0.05
+
+
+def test_the_pool_starts_once_the_gains_forgone_pay_its_start_up() -> None:
+    forgone, runs = 0.0, 0
+    while True:
+        choice, gain = choose_amortised(REPEATED, forgone)
+        runs += 1
+        if choice.strategy != "serial":
+            break
+        forgone += gain
+    assert choice.strategy == "processes"
+    assert "paid off" in choice.reason
+    assert runs == 8  # 7 serial runs forgo 0.33 s; the 8th reaches 0.35 s
+
+
+def test_amortising_never_starts_a_pool_for_tiny_or_nested_work() -> None:
+    for estimate in (
+        _estimate(n_items=5, item_cost_s=1 * MS),
+        _estimate(nested=True),
+        _estimate(usable_cpus=1),
+    ):
+        choice, gain = choose_amortised(estimate, 100.0)
+        assert (choice.strategy, gain) == ("serial", 0.0)
+
+
+def test_a_warm_choice_is_returned_as_is() -> None:
+    assert choose_amortised(_estimate(), 0.0) == (choose(_estimate()), 0.0)
