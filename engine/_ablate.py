@@ -1,7 +1,8 @@
 """``python -m engine ablate``: the BENCH.md workloads across strategies.
 
 Protocol (BENCH.md): each configuration runs once to warm up (pools started,
-kernels compiled), then every round runs all configurations one after the
+kernels compiled; auto for up to 1.5 s, until repeated runs paid its pool
+off: ``engine._workloads.warm_up``), then every round runs all configurations one after the
 other, in a rotated order, and the medians are compared as ratios measured in
 the same run. Fast workloads get extra rounds (``ROUND_BUDGET_S``). Prints a table, writes JSON, draws a PNG when matplotlib is
 installed, and reports the issue's targets for the auto strategy.
@@ -25,6 +26,7 @@ from engine._workloads import (
     Workload,
     ce_installed,
     generic_workloads,
+    warm_up,
 )
 
 FIXED = tuple(name for name in STRATEGY_CONFIGS if name != "auto")
@@ -88,7 +90,7 @@ def measure(
     try:
         for name in configs:
             progress(f"{workload.id}: warm-up {name}")
-            workload.run(name)
+            warm_up(name, lambda name=name: workload.run(name))
         while round_index < rounds or (
             round_index < MAX_ROUNDS and spent < ROUND_BUDGET_S
         ):

@@ -4,7 +4,8 @@
 
 Protocol (../shared/BENCH.md): every configuration of a workload is built
 and run once to warm up (pools started, kernels compiled, explainers
-calibrated), then each of ``--rounds`` rounds (at least 5) runs every
+calibrated; ``auto`` for up to 1.5 s, until repeated calls paid its pool
+off), then each of ``--rounds`` rounds (at least 5) runs every
 configuration once, in an order rotated per round; medians of the end-to-end
 ``explain_factual`` wall time are compared as ratios from this one run.
 
@@ -86,6 +87,7 @@ def measure(
     workload: Any, *, quick: bool, rounds: int, progress: Callable[[str], None]
 ) -> dict[str, Any]:
     """Warm up, compare outputs, then time all configurations alternated."""
+    from engine._workloads import warm_up
     from engine._workloads_ce import (
         BASELINE,
         BATCH_DEPENDENT,
@@ -111,7 +113,7 @@ def measure(
         for name in configs:
             progress(f"{workload.id}: warm-up {name}")
             try:
-                outputs[name] = workload.run(name)
+                outputs[name] = warm_up(name, lambda name=name: workload.run(name))
             except Exception as exc:
                 if name in CE_CONFIGS:
                     raise
