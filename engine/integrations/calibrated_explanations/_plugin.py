@@ -29,6 +29,7 @@ from typing import Any, Final, final
 
 import numpy as np
 
+import kernels
 from engine.config import ParallelConfig
 from engine.errors import ConfigError, FallbackWarning
 from engine.executor import ParallelExecutor
@@ -71,11 +72,17 @@ PLUGIN_META: Final[dict[str, Any]] = {
     "fallbacks": (CE_SEQUENTIAL_ID,),
 }
 
-# Row chunks per worker: enough that the caller builds CE's objects for early
-# chunks while workers compute later ones (the assembler is ~40 % of the
-# end-to-end time on W2-W3, ci/bench/ce.py), few enough that each chunk's one
-# model call stays large.
-CHUNKS_PER_WORKER: Final = 4
+# Row chunks per worker, between these bounds: enough that the caller builds
+# CE's objects for early chunks while workers compute later ones, few enough
+# that each chunk's one model call amortises the model's per-call cost (a
+# 100-tree random forest: ~13 ms a call, whatever the rows). Each chunk aims
+# at PERTURBED_ROWS_PER_CHUNK perturbed rows. Alternating settings call by
+# call on one warm explainer (15 calls each, processes-fork): W1 (9,000 perturbed rows)
+# took 208 ms with 2 chunks per worker, 247 ms with 4; W3 (38,000) 590 ms
+# with 4, 621 ms with 2; W2 (30,000) 378-404 ms either way.
+MIN_CHUNKS_PER_WORKER: Final = 2
+MAX_CHUNKS_PER_WORKER: Final = 4
+PERTURBED_ROWS_PER_CHUNK: Final = 5_000
 MIN_ROWS_PER_CHUNK: Final = 4
 
 
@@ -234,9 +241,29 @@ def _binding_for_handle(handle: Any) -> tuple[Any, _Binding] | tuple[None, None]
     return None, None
 
 
-def _row_chunks(n_rows: int, config: ParallelConfig, workers: int) -> list[np.ndarray]:
+def _perturbed_rows(batch: Any) -> int:
+    """How many perturbed rows the batch's chunks will score, about."""
+    categorical = batch.n_cat_values[batch.feature_kind == kernels.CATEGORICAL]
+    return int(
+        batch.n_values[:, :, :2].sum()
+        + batch.n_covered.sum()
+        + batch.x.shape[0] * categorical.sum()
+    )
+
+
+def _row_chunks(
+    n_rows: int, config: ParallelConfig, workers: int, perturbed_rows: int
+) -> list[np.ndarray]:
+    workers = max(1, workers)
+    per_worker = min(
+        MAX_CHUNKS_PER_WORKER,
+        max(
+            MIN_CHUNKS_PER_WORKER,
+            perturbed_rows // (workers * PERTURBED_ROWS_PER_CHUNK),
+        ),
+    )
     size = config.instance_chunk_size or max(
-        MIN_ROWS_PER_CHUNK, math.ceil(n_rows / (max(1, workers) * CHUNKS_PER_WORKER))
+        MIN_ROWS_PER_CHUNK, math.ceil(n_rows / (workers * per_worker))
     )
     return [
         np.arange(start, min(n_rows, start + size)) for start in range(0, n_rows, size)
@@ -289,7 +316,9 @@ class EngineFactualPlugin:
         model = binding.model_argument(plan.model)
         n_rows = plan.batch.x.shape[0]
         workers = executor.config.max_workers or _usable_cpus()
-        chunks = _row_chunks(n_rows, executor.config, workers)
+        chunks = _row_chunks(
+            n_rows, executor.config, workers, _perturbed_rows(plan.batch)
+        )
         if n_rows < binding.min_instances:
             # Gating counts instances, as calibrated-explanations does; the
             # kernels still run, in the caller.
