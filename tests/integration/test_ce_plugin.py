@@ -118,8 +118,8 @@ def test_features_to_ignore_on_the_engine(data: dict[str, Any]) -> None:
 
 def test_gating_counts_instances_not_chunks(data: dict[str, Any]) -> None:
     # min_batch_size=8 (the default): 20 instances are enough for the
-    # workers even though they travel as 5 chunks; 5 instances stay in the
-    # caller (no run on the executor).
+    # workers even though they travel as fewer than 8 chunks; 5 instances
+    # stay in the caller (no run on the executor).
     wrapper = _explainer(data)
     enable(wrapper, ParallelConfig(strategy="threads", max_workers=2))
     try:
@@ -133,7 +133,7 @@ def test_gating_counts_instances_not_chunks(data: dict[str, Any]) -> None:
         )
         (run,) = executor.telemetry.runs
         assert run.strategy == "threads"
-        assert run.items == run.chunks == 5
+        assert run.items == run.chunks < 8
     finally:
         disable(wrapper)
 
