@@ -1,7 +1,7 @@
 """``python -m engine ablate``: the BENCH.md workloads across strategies.
 
 Protocol (BENCH.md): each configuration runs once to warm up (pools started,
-kernels compiled; auto for up to 1.5 s, until repeated runs paid its pool
+kernels compiled; auto for up to 3 s, until repeated runs paid its pool
 off: ``engine._workloads.warm_up``), then every round runs all configurations one after the
 other, in a rotated order, and the medians are compared as ratios measured in
 the same run. Fast workloads get extra rounds (``ROUND_BUDGET_S``). Prints a table, writes JSON, draws a PNG when matplotlib is

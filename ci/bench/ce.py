@@ -4,7 +4,7 @@
 
 Protocol (../shared/BENCH.md): every configuration of a workload is built
 and run once to warm up (pools started, kernels compiled, explainers
-calibrated; ``auto`` for up to 1.5 s, until repeated calls paid its pool
+calibrated; ``auto`` for up to 3 s, until repeated calls paid its pool
 off), then each of ``--rounds`` rounds (at least 5) runs every
 configuration once, in an order rotated per round; medians of the end-to-end
 ``explain_factual`` wall time are compared as ratios from this one run.
