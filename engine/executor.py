@@ -23,9 +23,8 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, final
 
-import numpy as np
-
 from engine import _env, strategies
+from engine._attach import readonly_view
 from engine._chunks import AdaptiveChunks, Chunk, default_chunk_size, make_chunks
 from engine._context import usable_cpu_count
 from engine._state import ExecutorState, Lifecycle, is_nested
@@ -93,14 +92,6 @@ class _Plan(NamedTuple):
     chunk_size: int | None
     reason: str
     nested: bool
-
-
-def _read_only(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        view = obj.view()
-        view.flags.writeable = False
-        return view
-    return obj
 
 
 def _flatten(blocks: Iterator[list[Any]]) -> Iterator[Any]:
@@ -257,7 +248,7 @@ class ParallelExecutor:
         """
         self._lifecycle.require_running("share")
         if self._runs_in_process_only():
-            return _read_only(obj)
+            return readonly_view(obj)
         return self._payload_store().share(obj)
 
     # -- planning ----------------------------------------------------------------
