@@ -16,24 +16,23 @@ workers.
 from __future__ import annotations
 
 import itertools
-import pickle
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, final
+from typing import TYPE_CHECKING, Any, final
 
-from engine import _env, strategies
+from engine import _env, _planner, strategies
 from engine._attach import readonly_view
 from engine._chunks import AdaptiveChunks, Chunk, default_chunk_size, make_chunks
 from engine._context import usable_cpu_count
-from engine._state import ExecutorState, Lifecycle, is_nested
-from engine.auto import (
-    MIN_PARALLEL_WORK_S,
-    TARGET_CHUNK_S,
-    Estimate,
-    choose_amortised,
+from engine._planner import (
+    NO_ITEM,
+    AutoPlanner,
+    Plan,
 )
+from engine._state import ExecutorState, Lifecycle, is_nested
+from engine.auto import MIN_PARALLEL_WORK_S, TARGET_CHUNK_S
 from engine.config import ParallelConfig
 from engine.errors import (
     CancelledError,
@@ -52,46 +51,6 @@ if TYPE_CHECKING:
 # Chunk size for an ``imap`` over an iterator of unknown length, when none is
 # configured: calibrated-explanations' default instance chunk.
 DEFAULT_STREAM_CHUNK_SIZE = 8
-
-# auto's serial probe: at most this many leading items, stopping once this
-# much time is spent; their results are kept (W6: 5 items of 1 ms stay serial).
-PROBE_MAX_ITEMS = 3
-PROBE_BUDGET_S = 0.05
-
-# Pool start-up seconds measured in this process, per strategy and configured
-# start method (None: the platform default), auto's input.
-_STARTUP_S: dict[tuple[str, str | None], float] = {}
-
-_NO_ITEM = object()
-
-
-def _pickled_size(item: Any) -> int | None:
-    try:
-        return len(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
-    except Exception:  # unpicklable here; the strategy will say so if it matters
-        return None
-
-
-def releases_gil(fn: Callable[..., Any]) -> bool:
-    """Return True if ``fn`` is known to release the GIL.
-
-    True for numba dispatchers compiled with ``nogil=True`` and for callables
-    marked ``fn.releases_gil = True``; ``functools.partial`` is unwrapped.
-    """
-    while hasattr(fn, "func") and hasattr(fn, "args"):
-        fn = fn.func
-    if getattr(fn, "releases_gil", False) is True:
-        return True
-    options = getattr(fn, "targetoptions", None)
-    return isinstance(options, dict) and bool(options.get("nogil"))
-
-
-class _Plan(NamedTuple):
-    strategy: str
-    workers: int
-    chunk_size: int | None
-    reason: str
-    nested: bool
 
 
 def _flatten(blocks: Iterator[list[Any]]) -> Iterator[Any]:
@@ -140,8 +99,7 @@ class ParallelExecutor:
         self._unavailable: dict[str, StrategyUnavailableError] = {}
         self._payloads: PayloadStore | None = None
         self._active: set[RunContext] = set()
-        # auto: gains forgone by running serially while a pool was cold.
-        self._forgone_s = 0.0
+        self._planner = AutoPlanner(config)
         self.telemetry = Telemetry(callback=config.telemetry)
         # A forked child must not drive its parent's pools, nor count its runs.
         register_fork_reset(self)
@@ -158,7 +116,7 @@ class ParallelExecutor:
         self._unavailable = {}
         self._payloads = None
         self._active = set()
-        self._forgone_s = 0.0
+        self._planner = AutoPlanner(self._config)
         self.telemetry = Telemetry(callback=self._config.telemetry)
 
     # -- lifecycle -------------------------------------------------------------
@@ -278,23 +236,23 @@ class ParallelExecutor:
             self._strategies[name] = strategy
         return strategy
 
-    def _plan(self, n_items: int | None) -> _Plan:
+    def _plan(self, n_items: int | None) -> Plan:
         """Decide what runs, before any item is touched (auto decides later)."""
         cfg = self._config
         if _env.is_forced_off():
-            return _Plan("serial", 1, None, "CE_PARALLEL=off", False)
+            return Plan("serial", 1, None, "CE_PARALLEL=off", False)
         if is_nested():
-            return _Plan(
+            return Plan(
                 "serial", 1, None, "nested: executor used inside a worker", True
             )
         if cfg.strategy == "serial":
-            return _Plan("serial", 1, None, "configured", False)
+            return Plan("serial", 1, None, "configured", False)
         if n_items is not None and n_items < cfg.min_batch_size:
             reason = f"gated: {n_items} items < min_batch_size={cfg.min_batch_size}"
-            return _Plan("serial", 1, None, reason, False)
+            return Plan("serial", 1, None, reason, False)
         if cfg.strategy == "auto":
-            return _Plan("auto", 1, None, "auto", False)
-        return _Plan(
+            return Plan("auto", 1, None, "auto", False)
+        return Plan(
             cfg.strategy, self._workers_for(cfg.strategy), None, "configured", False
         )
 
@@ -304,46 +262,15 @@ class ParallelExecutor:
         n_items: int | None,
         item_cost_s: float | None,
         item: Any,
-    ) -> _Plan:
-        """Ask ``auto.choose`` with what this executor measured."""
-        cfg = self._config
+    ) -> Plan:
+        """Ask auto, with what this executor measured and holds warm."""
         with self._lock:
             warm = set(self._strategies)
             shared_bytes = (
                 self._payloads.bytes_shared if self._payloads is not None else 0
             )
-        available = tuple(
-            name for name in strategies.available_strategies() if name != "dask"
-        )
-        # Measured start-ups of this executor's start method; strategies never
-        # started in this process keep auto's defaults (a cold default-method
-        # pool took 2.6 s; assuming 0 made auto start one for 75 ms of work).
-        startup: dict[str, float | None] = {
-            name: _STARTUP_S.get((name, cfg.start_method)) for name in available
-        }
-        startup.update(dict.fromkeys(warm, 0.0))
-        task_bytes = cfg.task_size_hint_bytes
-        if task_bytes is None and item is not _NO_ITEM:
-            task_bytes = _pickled_size(item)
-        choice, forgone_s = choose_amortised(
-            Estimate(
-                n_items=n_items,
-                usable_cpus=usable_cpu_count(),
-                max_workers=cfg.max_workers,
-                available=available,
-                prefer=cfg.prefer,
-                releases_gil=releases_gil(fn),
-                item_cost_s=item_cost_s,
-                task_bytes=task_bytes,
-                shared_bytes=shared_bytes,
-                startup_s={k: v for k, v in startup.items() if v is not None},
-            ),
-            self._forgone_s,
-        )
-        with self._lock:
-            self._forgone_s += forgone_s
-        return _Plan(
-            choice.strategy, choice.max_workers, choice.chunk_size, choice.reason, False
+        return self._planner.choose(
+            fn, n_items, item_cost_s, item, warm=warm, shared_bytes=shared_bytes
         )
 
     # -- running -----------------------------------------------------------------
@@ -422,7 +349,22 @@ class ParallelExecutor:
         n_items = len(items) if isinstance(items, Sequence) else None
         plan = self._plan(n_items)
         if plan.strategy == "auto":
+            known = self._planner.known_cost(fn, n_items, items)
+            if known is not None:
+                return self._auto_known(fn, items, extra_args, chunk_size, known)
             return self._auto(fn, items, extra_args, chunk_size, n_items)
+        return self._start_run(plan, fn, items, extra_args, chunk_size, n_items)
+
+    def _start_run(
+        self,
+        plan: Plan,
+        fn: Callable[..., Any],
+        items: Iterable[Any],
+        extra_args: tuple[Any, ...],
+        chunk_size: int | None,
+        n_items: int | None,
+    ) -> Iterator[list[Any]]:
+        """Start ``plan``'s strategy; return the stream of result blocks."""
         strategy, used = self._start_strategy(plan)
         ctx = self._context(strategy, used, requested=plan)
         chunks = self._chunks(used, ctx, items, chunk_size, n_items, offset=0)
@@ -443,7 +385,7 @@ class ParallelExecutor:
         return extra_args
 
     def _context(
-        self, strategy: Strategy, used: _Plan, *, requested: _Plan
+        self, strategy: Strategy, used: Plan, *, requested: Plan
     ) -> RunContext:
         recorder = self.telemetry.recorder(
             strategy=used.strategy,
@@ -463,7 +405,7 @@ class ParallelExecutor:
 
     def _chunks(
         self,
-        plan: _Plan,
+        plan: Plan,
         ctx: RunContext,
         items: Iterable[Any],
         chunk_size: int | None,
@@ -494,7 +436,7 @@ class ParallelExecutor:
             measured=measured,
         )
 
-    def _start_strategy(self, plan: _Plan) -> tuple[Strategy, _Plan]:
+    def _start_strategy(self, plan: Plan) -> tuple[Strategy, Plan]:
         try:
             started = time.perf_counter()
             strategy = self._strategy(plan.strategy, plan.workers)
@@ -505,11 +447,11 @@ class ParallelExecutor:
                 raise
             reason = f"{plan.strategy} unavailable ({exc}); ran serially"
             warnings.warn(reason, FallbackWarning, stacklevel=4)
-            fallback = _Plan("serial", 1, None, reason, plan.nested)
+            fallback = Plan("serial", 1, None, reason, plan.nested)
             return self._strategy("serial", 1), fallback
         elapsed = time.perf_counter() - started
         if elapsed > 0.005:  # a real start, not a warm pool: remember its cost
-            _STARTUP_S[(plan.strategy, self._config.start_method)] = elapsed
+            _planner.STARTUP_S[(plan.strategy, self._config.start_method)] = elapsed
         return strategy, plan
 
     def _auto(
@@ -521,42 +463,20 @@ class ParallelExecutor:
         n_items: int | None,
     ) -> Iterator[Any]:
         """Probe the first items serially (results kept), choose, run the rest."""
-        serial = self._strategy("serial", 1)
         probe: list[Any] = []
         item_cost_s = None
-        first: Any = _NO_ITEM
+        first: Any = NO_ITEM
         if n_items is not None and isinstance(items, Sequence) and n_items:
             first = items[0]
-            local_args = self._args_for(serial, extra_args)
-            started = time.perf_counter()
-            batch = 1
-            while len(probe) < n_items:
-                done = len(probe)
-                part = items[done : done + batch]
-                # map() without extra arguments: W4's 10,000 trivial items
-                # ran 11 % slower than the serial strategy through a generator.
-                probe.extend(
-                    map(fn, part)
-                    if not local_args
-                    else [fn(item, *local_args) for item in part]
-                )
-                elapsed = time.perf_counter() - started
-                # Past the probe, keep going in the caller while the whole run
-                # projects to less work than any pool could save (W6, W7), in
-                # doubling batches so the clock is read log(n) times (W4).
-                probed = len(probe) >= PROBE_MAX_ITEMS or elapsed >= PROBE_BUDGET_S
-                if probed:
-                    if elapsed / len(probe) * n_items >= MIN_PARALLEL_WORK_S:
-                        break
-                    batch = len(probe)
-            item_cost_s = (time.perf_counter() - started) / len(probe)
+            local_args = self._args_for(self._strategy("serial", 1), extra_args)
+            probe, item_cost_s = self._planner.probe(fn, items, local_args, n_items)
         remaining = n_items - len(probe) if n_items is not None else None
         if remaining == 0:
             reason = (
                 f"{item_cost_s * len(probe) * 1e3:.2f} ms of work "
                 f"< {MIN_PARALLEL_WORK_S * 1e3:.0f} ms: ran in the caller"
             )
-            plan = _Plan("serial", 1, None, reason, False)
+            plan = Plan("serial", 1, None, reason, False)
         else:
             plan = self._choose(fn, remaining, item_cost_s, first)
         strategy, used = self._start_strategy(plan)
@@ -574,6 +494,32 @@ class ParallelExecutor:
         yield from self._stream(
             strategy, fn, chunks, self._args_for(strategy, extra_args), ctx
         )
+
+    def _auto_known(
+        self,
+        fn: Callable[..., Any],
+        items: Sequence[Any],
+        extra_args: tuple[Any, ...],
+        chunk_size: int | None,
+        item_cost_s: float,
+    ) -> Iterator[list[Any]]:
+        """auto without a probe: ``fn``'s cost per item was measured before.
+
+        The whole map goes to the chosen strategy, started now (a processes
+        pool dispatches before the first ``next``), instead of its first
+        items running in the caller again: with 4 chunks a call, the probe
+        kept a quarter of a calibrated-explanations call serial.
+        """
+        n_items = len(items)
+        if n_items * item_cost_s < MIN_PARALLEL_WORK_S:
+            reason = (
+                f"{item_cost_s * n_items * 1e3:.2f} ms of work (measured before) "
+                f"< {MIN_PARALLEL_WORK_S * 1e3:.0f} ms: serial"
+            )
+            plan = Plan("serial", 1, None, reason, False)
+        else:
+            plan = self._choose(fn, n_items, item_cost_s, items[0])
+        return self._start_run(plan, fn, items, extra_args, chunk_size, n_items)
 
     def _stream(
         self,

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import time
 from typing import Any
 
 import pytest
+from _crash_tasks import pid_after
 from _tasks import shuffled_sleep, sleep_s, square
 
 from engine import ParallelConfig, ParallelExecutor
-from engine.executor import releases_gil
+from engine._planner import releases_gil
 
 
 class Counter:
@@ -108,9 +111,9 @@ def test_a_pool_never_started_costs_its_default_start_up(
     # started in this process, so auto counts auto.DEFAULT_STARTUP_S (a cold
     # pool took 0.35-2.6 s here) and stays serial. An unmeasured start-up
     # once counted as zero.
-    import engine.executor
+    import engine._planner
 
-    monkeypatch.setattr(engine.executor, "_STARTUP_S", {})
+    monkeypatch.setattr(engine._planner, "STARTUP_S", {})
     config = ParallelConfig(
         strategy="auto", prefer=("processes", "serial"), min_batch_size=1
     )
@@ -125,9 +128,9 @@ def test_repeated_runs_pay_off_a_cold_pool(monkeypatch: pytest.MonkeyPatch) -> N
     # Each map is 100 ms of work that a warm pool would halve, too little to
     # pay a cold pool's default start-up (0.35 s) at once: auto stays serial,
     # adds up the gains it forgoes, and starts the pool once they reach it.
-    import engine.executor
+    import engine._planner
 
-    monkeypatch.setattr(engine.executor, "_STARTUP_S", {})
+    monkeypatch.setattr(engine._planner, "STARTUP_S", {})
     config = ParallelConfig(
         strategy="auto", prefer=("processes", "serial"), min_batch_size=1
     )
@@ -139,3 +142,27 @@ def test_repeated_runs_pay_off_a_cold_pool(monkeypatch: pytest.MonkeyPatch) -> N
     assert 4 <= first <= 9, strategies
     assert set(strategies[:first]) == {"serial"}
     assert set(strategies[first:]) == {"processes"}, strategies
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uses fork")
+def test_a_known_function_skips_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first map probes its first items in the caller; the next map of the
+    # same function reuses that cost and sends every item to the pool, which
+    # starts dispatching as imap is called.
+    import engine._planner
+
+    monkeypatch.setattr(engine._planner, "STARTUP_S", {("processes", "fork"): 0.0})
+    config = ParallelConfig(
+        strategy="auto",
+        prefer=("processes", "serial"),
+        start_method="fork",
+        min_batch_size=1,
+    )
+    me = os.getpid()
+    with ParallelExecutor(config) as ex:
+        first = ex.map(pid_after, range(8), 0.02)
+        second = ex.map(pid_after, range(8), 0.02)
+        strategies = [run.strategy for run in ex.telemetry.runs]
+    assert first[0] == me  # the probe ran here
+    assert me not in second
+    assert strategies == ["processes", "processes"]

@@ -35,6 +35,7 @@ LAYERS = {
     "engine.strategies.base": 3,
     "engine.strategies": 4,
     "engine.auto": 4,
+    "engine._planner": 4,
     "engine.executor": 5,
     "engine.explain": 6,
     "engine.integrations": 6,

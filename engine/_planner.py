@@ -1,0 +1,192 @@
+"""What auto measures for one executor, and its call to ``auto.choose``.
+
+``engine.auto`` is a pure function of an estimate; this module makes the
+estimate. For each ``ParallelExecutor``, an :class:`AutoPlanner` keeps
+
+- the serial probe: the first items of a map run in the caller (their
+  results are kept) until their cost is known;
+- each function's measured cost per item, so that the next maps of the same
+  function skip the probe (for ``REPROBE_EVERY`` maps, then probe again);
+- the gains forgone by running serially while a pool was cold
+  (``auto.choose_amortised``).
+
+Pool start-ups measured in this process are kept per strategy and start
+method in :data:`STARTUP_S` (one process-wide table).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Final, NamedTuple, final
+
+from engine import strategies
+from engine._context import usable_cpu_count
+from engine.auto import MIN_PARALLEL_WORK_S, Estimate, choose_amortised
+from engine.config import ParallelConfig
+
+__all__ = ["NO_ITEM", "STARTUP_S", "AutoPlanner", "Plan", "releases_gil"]
+
+# auto's serial probe: at most this many leading items, stopping once this
+# much time is spent; their results are kept (W6: 5 items of 1 ms stay serial).
+PROBE_MAX_ITEMS: Final = 3
+PROBE_BUDGET_S: Final = 0.05
+# A function's probed cost per item is reused by this many later maps, then
+# probed again (its items may have changed).
+REPROBE_EVERY: Final = 8
+
+# Pool start-up seconds measured in this process, per strategy and configured
+# start method (None: the platform default), auto's input; the executor
+# writes it (engine._planner.STARTUP_S) when it starts a pool.
+STARTUP_S: dict[tuple[str, str | None], float] = {}
+
+NO_ITEM: Final = object()
+
+
+class Plan(NamedTuple):
+    """What a map runs on, and why."""
+
+    strategy: str
+    workers: int
+    chunk_size: int | None
+    reason: str
+    nested: bool
+
+
+def releases_gil(fn: Callable[..., Any]) -> bool:
+    """Return True if ``fn`` is known to release the GIL.
+
+    True for numba dispatchers compiled with ``nogil=True`` and for callables
+    marked ``fn.releases_gil = True``; ``functools.partial`` is unwrapped.
+    """
+    while hasattr(fn, "func") and hasattr(fn, "args"):
+        fn = fn.func
+    if getattr(fn, "releases_gil", False) is True:
+        return True
+    options = getattr(fn, "targetoptions", None)
+    return isinstance(options, dict) and bool(options.get("nogil"))
+
+
+def _pickled_size(item: Any) -> int | None:
+    try:
+        return len(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:  # unpicklable here; the strategy will say so if it matters
+        return None
+
+
+@final
+class AutoPlanner:
+    """auto's measurements for one executor (thread-safe)."""
+
+    def __init__(self, config: ParallelConfig) -> None:
+        self._config = config
+        self._lock = threading.Lock()
+        self._forgone_s = 0.0
+        # fn -> [cost per item, maps that reused it]
+        self._item_costs: weakref.WeakKeyDictionary[Any, list[float]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def probe(
+        self,
+        fn: Callable[..., Any],
+        items: Sequence[Any],
+        local_args: tuple[Any, ...],
+        n_items: int,
+    ) -> tuple[list[Any], float]:
+        """Run the first items in the caller; return their results and cost each.
+
+        Past the probe, keep going in the caller while the whole map projects
+        to less work than any pool could save (W6, W7), in doubling batches so
+        the clock is read log(n) times (W4).
+        """
+        probe: list[Any] = []
+        started = time.perf_counter()
+        batch = 1
+        while len(probe) < n_items:
+            done = len(probe)
+            part = items[done : done + batch]
+            # map() without extra arguments: W4's 10,000 trivial items ran
+            # 11 % slower than the serial strategy through a generator.
+            probe.extend(
+                map(fn, part)
+                if not local_args
+                else [fn(item, *local_args) for item in part]
+            )
+            elapsed = time.perf_counter() - started
+            if len(probe) >= PROBE_MAX_ITEMS or elapsed >= PROBE_BUDGET_S:
+                if elapsed / len(probe) * n_items >= MIN_PARALLEL_WORK_S:
+                    break
+                batch = len(probe)
+        item_cost_s = (time.perf_counter() - started) / len(probe)
+        with self._lock, contextlib.suppress(TypeError):  # builtins: no weakref
+            self._item_costs[fn] = [item_cost_s, 0]
+        return probe, item_cost_s
+
+    def known_cost(
+        self, fn: Callable[..., Any], n_items: int | None, items: Any
+    ) -> float | None:
+        """``fn``'s cost per item from an earlier probe, while still fresh."""
+        if not n_items or not isinstance(items, Sequence):
+            return None
+        with self._lock:
+            try:
+                entry = self._item_costs.get(fn)
+            except TypeError:  # not weak-referenceable (builtins)
+                return None
+            if entry is None or entry[1] >= REPROBE_EVERY:
+                return None
+            entry[1] += 1
+            return entry[0]
+
+    def choose(
+        self,
+        fn: Callable[..., Any],
+        n_items: int | None,
+        item_cost_s: float | None,
+        item: Any,
+        *,
+        warm: set[str],
+        shared_bytes: int,
+    ) -> Plan:
+        """Ask ``auto`` with what was measured; ``warm``: pools already started."""
+        cfg = self._config
+        available = tuple(
+            name for name in strategies.available_strategies() if name != "dask"
+        )
+        # Measured start-ups of this executor's start method; strategies never
+        # started in this process keep auto's defaults (a cold default-method
+        # pool took 2.6 s; assuming 0 made auto start one for 75 ms of work).
+        startup: dict[str, float | None] = {
+            name: STARTUP_S.get((name, cfg.start_method)) for name in available
+        }
+        startup.update(dict.fromkeys(warm, 0.0))
+        task_bytes = cfg.task_size_hint_bytes
+        if task_bytes is None and item is not NO_ITEM:
+            task_bytes = _pickled_size(item)
+        with self._lock:
+            forgone_before = self._forgone_s
+        choice, forgone_s = choose_amortised(
+            Estimate(
+                n_items=n_items,
+                usable_cpus=usable_cpu_count(),
+                max_workers=cfg.max_workers,
+                available=available,
+                prefer=cfg.prefer,
+                releases_gil=releases_gil(fn),
+                item_cost_s=item_cost_s,
+                task_bytes=task_bytes,
+                shared_bytes=shared_bytes,
+                startup_s={k: v for k, v in startup.items() if v is not None},
+            ),
+            forgone_before,
+        )
+        with self._lock:
+            self._forgone_s += forgone_s
+        return Plan(
+            choice.strategy, choice.max_workers, choice.chunk_size, choice.reason, False
+        )
