@@ -350,7 +350,9 @@ class ParallelExecutor:
         plan = self._plan(n_items)
         if plan.strategy == "auto":
             known = self._planner.known_cost(fn, n_items, items)
-            if known is not None:
+            # Tiny maps keep the probe path: it runs them in the caller in one
+            # loop, cheaper than the serial strategy's chunks (W4, W7).
+            if known is not None and known * n_items >= MIN_PARALLEL_WORK_S:
                 return self._auto_known(fn, items, extra_args, chunk_size, known)
             return self._auto(fn, items, extra_args, chunk_size, n_items)
         return self._start_run(plan, fn, items, extra_args, chunk_size, n_items)
@@ -511,14 +513,7 @@ class ParallelExecutor:
         kept a quarter of a calibrated-explanations call serial.
         """
         n_items = len(items)
-        if n_items * item_cost_s < MIN_PARALLEL_WORK_S:
-            reason = (
-                f"{item_cost_s * n_items * 1e3:.2f} ms of work (measured before) "
-                f"< {MIN_PARALLEL_WORK_S * 1e3:.0f} ms: serial"
-            )
-            plan = Plan("serial", 1, None, reason, False)
-        else:
-            plan = self._choose(fn, n_items, item_cost_s, items[0])
+        plan = self._choose(fn, n_items, item_cost_s, items[0])
         return self._start_run(plan, fn, items, extra_args, chunk_size, n_items)
 
     def _stream(
