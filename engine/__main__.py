@@ -9,32 +9,24 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from engine import __version__, strategies
-from engine._context import usable_cpu_count
+from engine import strategies
+from engine._context import package_versions, usable_cpu_count
 from engine.config import ParallelConfig, describe_env
 from engine.errors import ConfigError
 
 
 def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {
-        "python": platform.python_version(),
-        "engine": __version__,
-    }
-    for name in (
-        "numpy",
-        "numba",
-        "cloudpickle",
-        "joblib",
-        "dask",
-        "calibrated_explanations",
-    ):
-        try:
-            module = __import__(name)
-        except ImportError:
-            out[name] = None
-        else:
-            out[name] = getattr(module, "__version__", "unknown")
-    return out
+    return package_versions(
+        (
+            "engine",
+            "numpy",
+            "numba",
+            "cloudpickle",
+            "joblib",
+            "dask",
+            "calibrated_explanations",
+        )
+    )
 
 
 def _info() -> dict[str, Any]:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from engine._context import usable_cpu_count
+from engine._context import package_versions, usable_cpu_count
 from engine._workloads import (
     STRATEGY_CONFIGS,
     Workload,
@@ -40,15 +40,9 @@ MAX_ROUNDS = 25
 
 
 def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("numpy", "numba", "sklearn", "calibrated_explanations", "joblib"):
-        try:
-            module = __import__(name)
-        except ImportError:
-            out[name] = None
-        else:
-            out[name] = getattr(module, "__version__", "unknown")
-    return out
+    return package_versions(
+        ("numpy", "numba", "sklearn", "calibrated_explanations", "joblib")
+    )
 
 
 def _workloads(ids: Sequence[str]) -> list[Workload]:

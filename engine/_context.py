@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from engine import _env
@@ -169,3 +171,20 @@ def process_support_problem() -> str | None:
                 "cannot be created (as on AWS Lambda)"
             )
     return None
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """Python's version, then each named package's ``__version__``.
+
+    ``None`` for a package that is not installed, ``"unknown"`` for one
+    without a ``__version__``. For reports (``engine info``, the benches).
+    """
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            module = __import__(name)
+        except ImportError:
+            out[name] = None
+        else:
+            out[name] = getattr(module, "__version__", "unknown")
+    return out

@@ -59,22 +59,11 @@ def _use_checkout() -> None:
 
 
 def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in (
-        "engine",
-        "numpy",
-        "numba",
-        "sklearn",
-        "calibrated_explanations",
-        "joblib",
-    ):
-        try:
-            module = __import__(name)
-        except ImportError:
-            out[name] = None
-        else:
-            out[name] = getattr(module, "__version__", "unknown")
-    return out
+    from engine._context import package_versions
+
+    return package_versions(
+        ("engine", "numpy", "numba", "sklearn", "calibrated_explanations", "joblib")
+    )
 
 
 def _time(fn: Callable[[], Any]) -> float:

@@ -26,7 +26,6 @@ import argparse
 import concurrent.futures
 import json
 import multiprocessing
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine import ParallelConfig, ParallelExecutor
+from engine._context import package_versions
 
 WORKERS = 2
 TARGET_AUTO = 0.5
@@ -49,15 +49,9 @@ def identity(x: Any) -> Any:
 
 
 def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("numpy", "numba", "sklearn", "joblib", "calibrated_explanations"):
-        try:
-            module = __import__(name)
-        except ImportError:
-            out[name] = None
-        else:
-            out[name] = getattr(module, "__version__", "unknown")
-    return out
+    return package_versions(
+        ("numpy", "numba", "sklearn", "joblib", "calibrated_explanations")
+    )
 
 
 def _timed(fn: Callable[[], Any], expected: list[Any]) -> float:

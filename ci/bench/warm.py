@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine import ParallelConfig, ParallelExecutor
+from engine._context import package_versions
 
 WORKERS = 2
 TARGET_OVER_SERIAL_S = 0.005
@@ -39,15 +39,7 @@ def small_task(x: int) -> int:
 
 
 def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("numpy", "numba", "sklearn", "calibrated_explanations"):
-        try:
-            module = __import__(name)
-        except ImportError:
-            out[name] = None
-        else:
-            out[name] = getattr(module, "__version__", "unknown")
-    return out
+    return package_versions(("numpy", "numba", "sklearn", "calibrated_explanations"))
 
 
 def _serial(items: list[int]) -> list[int]:
