@@ -71,7 +71,7 @@ class ModelState:
         it is pickled.
     num_features : int
         Number of features.
-    rule_context : RuleContext or None
+    rule_context : RuleContext
         What CE's rules read of the explainer (discretiser, names), taken
         with the model so that workers compute rules with the same objects.
 
@@ -84,7 +84,7 @@ class ModelState:
 
     explainer: Any
     num_features: int
-    rule_context: Any = None
+    rule_context: Any
     _lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
     )

@@ -366,7 +366,6 @@ def prepare(
     if (
         model is None
         or model.explainer is not explainer
-        or model.rule_context is None
         or not model.rule_context.matches(explainer)
     ):
         model = ModelState(
