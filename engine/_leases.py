@@ -44,9 +44,6 @@ class Leases:
         self._leases: dict[str, _Lease] = {}
         self._dead: collections.deque[str] = collections.deque()
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._leases
-
     def add(self, key: str, obj: Any) -> weakref.ref:
         """Track the transient segment ``key`` of ``obj``; return its weakref."""
         dead = self._dead
