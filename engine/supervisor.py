@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from engine._wire import (
     DIGEST_BYTES,
@@ -59,6 +59,9 @@ from engine._wire import (
     digest,
 )
 from engine.errors import BrokenExecutorError
+
+if TYPE_CHECKING:
+    from engine._winjob import Job
 
 AUTHKEY_BYTES: Final = 32
 LISTEN_BACKLOG: Final = 128
@@ -373,6 +376,15 @@ class SupervisorProcess:
             pass_fds=() if tracker is None else (tracker,),
         )
         self.pid = self._popen.pid
+        # FAULTS.md #7 on Windows: the kernel kills the supervisor and its
+        # workers when our job handle closes, i.e. when we die. Done before
+        # the spec is written: the supervisor waits for it on stdin, so no
+        # worker exists yet that could start outside the job.
+        self._job: Job | None = None
+        if sys.platform == "win32":
+            from engine._winjob import contain  # ctypes only where it is used
+
+            self._job = contain(self.pid)
         stdin = self._popen.stdin
         assert stdin is not None
         try:
@@ -383,7 +395,10 @@ class SupervisorProcess:
 
     def poll(self) -> int | None:
         """Return the exit code, or ``None`` while it runs."""
-        return self._popen.poll()
+        code = self._popen.poll()
+        if code is not None:
+            self._release_job()
+        return code
 
     def kill(self) -> None:
         with contextlib.suppress(OSError):
@@ -392,15 +407,26 @@ class SupervisorProcess:
     def wait(self, timeout_s: float) -> int | None:
         """Wait up to ``timeout_s``; return the exit code or ``None``."""
         try:
-            return self._popen.wait(timeout=timeout_s)
+            code = self._popen.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return None
+        self._release_job()
+        return code
 
     def forget(self) -> None:
         """Drop the handle without waiting (a forked child of the caller)."""
         # A child cannot wait() for its parent's child; marking it finished
-        # keeps Popen.__del__ from trying.
+        # keeps Popen.__del__ from trying. The job handle (Windows, where
+        # there is no fork) belongs to the parent: dropped, never closed.
         self._popen.returncode = 0
+        self._job = None
+
+    def _release_job(self) -> None:
+        # Only once the supervisor has exited: closing the job kills what is
+        # still in it (a worker that outlived it, a process a task started).
+        job = self._job
+        if job is not None:
+            job.close()
 
 
 def supervisor_spec(

@@ -31,6 +31,7 @@ LAYERS = {
     "engine._wire": 2,
     "engine._worker": 2,
     "engine._supervisor_main": 2,
+    "engine._winjob": 2,
     "engine.supervisor": 3,
     "engine.strategies.base": 3,
     "engine.strategies": 4,
