@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, final
 
@@ -24,6 +24,7 @@ import numpy as np
 __all__ = [
     "DiscretizerTables",
     "ModelState",
+    "ScoreMemo",
     "UnsupportedCaseError",
     "categorical_tables",
     "discretizer_tables",
@@ -56,6 +57,88 @@ class UnsupportedCaseError(ValueError):
             "run calibrated-explanations' own sequential path instead"
         )
         self.reason = reason
+
+
+# Guards installing and removing ScoreMemo's wrapper on a calibrator.
+_memo_lock = threading.Lock()
+
+
+@final
+class ScoreMemo:
+    """Score a batch with the model once, however often CE asks, in the caller.
+
+    CE's classification calibrator (``VennAbers``) calls the model's
+    ``predict_proba`` each time it is asked: for the batch's predictions,
+    again for ``__full_probabilities__`` (the same ``x`` object), and once
+    more for the plugin's one-row bridge call. While :meth:`installed` is in
+    force, those calls on ``x`` reuse the first call's scores (a copy each
+    time): two of the caller's three model calls go (a 100-tree forest costs
+    ~10 ms a call whatever the rows). Any other input goes to the model as
+    before, so worker threads sharing the calibrator see no difference.
+
+    CE copies the bridge's one row, so within ``installed(..., bridge=True)``
+    a one-row input equal to the batch's first row is served too. The
+    bridge's answer is thrown away (CE only checks that it was used), so this
+    changes no output even for a model whose one-row scores differ in the
+    last bit from its batch scores.
+
+    Parameters
+    ----------
+    x : ndarray of shape (n, n_features)
+        The validated batch, as :func:`prepare` passes it to CE.
+    """
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+        self.first_row = x[:1]  # what the plugin's bridge call passes
+        self._scores: np.ndarray | None = None
+
+    @contextlib.contextmanager
+    def installed(self, explainer: Any, *, bridge: bool = False) -> Iterator[None]:
+        """Serve CE's calls on the batch from the memo within the block.
+
+        Does nothing unless the calibrator is CE's ``VennAbers`` with a plain
+        scoring function (no ``bins`` argument), and nothing while another
+        memo is installed on it (concurrent calls on one explainer).
+        """
+        learner = getattr(explainer, "interval_learner", None)
+        original = getattr(learner, "_predict_proba", None)
+        code = getattr(original, "__code__", None)
+        with _memo_lock:
+            usable = (
+                code is not None
+                and "bins" not in code.co_varnames
+                and not getattr(original, "score_memo", False)
+            )
+            if usable:
+                wrapper = self._wrap(original, bridge)
+                learner._predict_proba = wrapper  # type: ignore[union-attr]
+        try:
+            yield
+        finally:
+            if usable:
+                with _memo_lock:
+                    if learner.__dict__.get("_predict_proba") is wrapper:
+                        learner._predict_proba = original  # type: ignore[union-attr]
+
+    def _is_first_row(self, rows: Any) -> bool:
+        first = self.first_row
+        return (
+            isinstance(rows, np.ndarray)
+            and rows.shape == first.shape
+            and np.array_equal(rows, first)
+        )
+
+    def _wrap(self, original: Any, bridge: bool) -> Any:
+        def scores(rows: Any, *args: Any, **kwargs: Any) -> Any:
+            if rows is self.x or (bridge and self._is_first_row(rows)):
+                if self._scores is None:
+                    self._scores = np.asarray(original(self.x, *args, **kwargs))
+                return self._scores[: len(rows)].copy()
+            return original(rows, *args, **kwargs)
+
+        scores.score_memo = True  # type: ignore[attr-defined]
+        return scores
 
 
 @final

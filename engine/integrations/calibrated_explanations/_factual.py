@@ -37,6 +37,7 @@ import kernels
 
 from ._ce_state import (
     ModelState,
+    ScoreMemo,
     UnsupportedCaseError,
     categorical_tables,
     discretizer_tables,
@@ -106,6 +107,7 @@ class FactualPlan:
     threshold: Any  # as the caller gave it
     bins: Any  # as the caller gave it (CE keeps a tuple)
     features_to_ignore: np.ndarray
+    scores: ScoreMemo  # the batch's model scores, for CE's repeated calls
     start_time_s: float = field(default_factory=time)
     full_probabilities_done: bool = False
 
@@ -183,9 +185,10 @@ def add_full_probabilities(plan: FactualPlan) -> None:
     # CE omits the key when the calibrator cannot give it.
     with contextlib.suppress(AttributeError, CalibratedError):
         learner = explainer.interval_learner
-        prediction["__full_probabilities__"] = learner.predict_proba(
-            plan.x, bins=batch.bins, interval_summary=batch.interval_summary
-        )
+        with plan.scores.installed(explainer):
+            prediction["__full_probabilities__"] = learner.predict_proba(
+                plan.x, bins=batch.bins, interval_summary=batch.interval_summary
+            )
 
 
 def _ignored_rows(
@@ -316,9 +319,11 @@ def prepare(
     ignore = merge_ignore_features(explainer, features_to_ignore)
     percentiles = tuple(low_high_percentiles or _DEFAULT_PERCENTILES)
     bins_array = None if bins is None else np.asarray(bins)
-    prediction = _base_prediction(
-        explainer, x, threshold, percentiles, bins_array, interval_summary
-    )
+    scores = ScoreMemo(x)
+    with scores.installed(explainer):
+        prediction = _base_prediction(
+            explainer, x, threshold, percentiles, bins_array, interval_summary
+        )
     if np.asarray(prediction["predict"]).dtype != np.float64:
         reason = f"calibrated predictions of dtype {prediction['predict'].dtype}"
         raise UnsupportedCaseError(reason)
@@ -383,6 +388,7 @@ def prepare(
         threshold=threshold,
         bins=bins,
         features_to_ignore=ignore,
+        scores=scores,
         start_time_s=start_time_s,
     )
 

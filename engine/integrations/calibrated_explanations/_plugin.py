@@ -332,7 +332,8 @@ class EngineFactualPlugin:
         # The collector stays paused while results arrive too: a generation-2
         # pass over CE's objects stalled the caller for ~200 ms on W3.
         with gc_paused():
-            self._use_bridge(x, request)
+            with plan.scores.installed(ce, bridge=True):
+                self._use_bridge(plan.scores.first_row, request)
             assembler = FactualAssembler(plan)
             for result in results:
                 assembler.add(result)
@@ -345,6 +346,8 @@ class EngineFactualPlugin:
         come from CE's calibrated predictor (``predict_internal``, as CE's own
         factual plugins use it), so one instance satisfies the rule: a whole
         batch cost two more model calls on the critical path (25-30 ms on W1).
+        On the kernel path the instance is the batch's first row, whose model
+        scores the plan's ``ScoreMemo`` already holds.
         """
         context = self._context
         bins = request.bins
