@@ -354,7 +354,9 @@ class ParallelExecutor:
             # loop, cheaper than the serial strategy's chunks (W4, W7).
             if known is not None and known * n_items >= MIN_PARALLEL_WORK_S:
                 return self._auto_known(fn, items, extra_args, chunk_size, known)
-            return self._auto(fn, items, extra_args, chunk_size, n_items)
+            return self._auto(
+                fn, items, extra_args, chunk_size, n_items, tiny=known is not None
+            )
         return self._start_run(plan, fn, items, extra_args, chunk_size, n_items)
 
     def _start_run(
@@ -463,15 +465,23 @@ class ParallelExecutor:
         extra_args: tuple[Any, ...],
         chunk_size: int | None,
         n_items: int | None,
+        *,
+        tiny: bool = False,
     ) -> Iterator[Any]:
-        """Probe the first items serially (results kept), choose, run the rest."""
+        """Probe the first items serially (results kept), choose, run the rest.
+
+        ``tiny``: ``fn``'s known cost puts the whole map under
+        MIN_PARALLEL_WORK_S (see AutoPlanner.probe).
+        """
         probe: list[Any] = []
         item_cost_s = None
         first: Any = NO_ITEM
         if n_items is not None and isinstance(items, Sequence) and n_items:
             first = items[0]
             local_args = self._args_for(self._strategy("serial", 1), extra_args)
-            probe, item_cost_s = self._planner.probe(fn, items, local_args, n_items)
+            probe, item_cost_s = self._planner.probe(
+                fn, items, local_args, n_items, tiny=tiny
+            )
         remaining = n_items - len(probe) if n_items is not None else None
         if remaining == 0:
             reason = (

@@ -145,6 +145,39 @@ def test_repeated_runs_pay_off_a_cold_pool(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uses fork")
+def test_a_known_tiny_function_runs_in_one_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first map of a cheap function probes item by item (three single
+    # items, then doubling batches: the clock is read after each); once its
+    # cost is known, a map projected under MIN_PARALLEL_WORK_S runs as one
+    # batch with two clock reads, in order, in the caller.
+    import engine._planner
+
+    reads: list[float] = []
+
+    class CountingTime:  # the planner's own clock only
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        def perf_counter(self) -> float:
+            reads.append(time.perf_counter())
+            return reads[-1]
+
+    monkeypatch.setattr(engine._planner, "time", CountingTime())
+    counter = Counter()
+    with ParallelExecutor(ParallelConfig(strategy="auto", min_batch_size=1)) as ex:
+        assert ex.map(counter, range(10)) == [x * 2 for x in range(10)]
+        first_reads = len(reads)
+        reads.clear()
+        assert ex.map(counter, range(10, 20)) == [x * 2 for x in range(10, 20)]
+        runs = ex.telemetry.runs
+    assert first_reads >= 5
+    assert len(reads) == 3  # start, after the one batch, the cost per item
+    assert counter.calls == list(range(20))
+    assert [run.strategy for run in runs] == ["serial", "serial"]
+
+
 def test_a_known_function_skips_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     # The first map probes its first items in the caller; the next map of the
     # same function reuses that cost and sends every item to the pool, which
