@@ -17,6 +17,7 @@ needs every instance at once.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from time import time
 from typing import Any, final
@@ -71,6 +72,56 @@ def _first_equal(keys: np.ndarray) -> np.ndarray:
     return first
 
 
+_ABSENT = object()
+
+
+@final
+class _SnapshotOnCopy:
+    """The assembler's collection's explainer: live until CE copies it.
+
+    CE's ``CalibratedExplanations`` deep-copies the explainer, learner
+    included, into a frozen snapshot (10-45 ms on W1-W3). The plugin's
+    collection is only a template: CE's orchestrator rebuilds the collection
+    it returns with ``from_batch``, which deep-copies the template's
+    snapshot. So the template's copy is made here at that moment, from the
+    explainer's attributes as they were when the template was made (CE's
+    own copy time; the plugin rebinds ``_last_explanation_mode`` and
+    ``latest_explanation`` in between): one copy per call instead of two, and
+    the same snapshot in the returned collection. Until then it reads through
+    to the live explainer (the explanations being built read it).
+    """
+
+    def __init__(self, explainer: Any) -> None:
+        self._live = explainer
+        self._state = dict(vars(explainer))  # bindings at CE's copy time
+        self._armed = False  # the collection's own constructor: no copy yet
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._live, name)
+
+    def arm(self) -> None:
+        """From now on a deep copy snapshots the explainer (``from_batch``)."""
+        self._armed = True
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        if not self._armed:
+            return self
+        live = vars(self._live)
+        now = dict(live)
+        try:
+            # CE's own snapshot would not see what was rebound since.
+            for key in now.keys() - self._state.keys():
+                del live[key]
+            live.update(
+                {k: v for k, v in self._state.items() if now.get(k, _ABSENT) is not v}
+            )
+            return copy.deepcopy(self._live, memo)
+        finally:
+            for key in live.keys() - now.keys():
+                del live[key]
+            live.update(now)
+
+
 @final
 class FactualAssembler:
     """Build CE's CalibratedExplanations as chunk results arrive.
@@ -79,16 +130,21 @@ class FactualAssembler:
     ----------
     plan : FactualPlan
         The plan :func:`prepare` returned.
+    defer_snapshot : bool
+        The collection is a template that CE's ``from_batch`` copies (the
+        plugin's case): take its explainer snapshot then, not now
+        (:class:`_SnapshotOnCopy`). Leave False when the collection itself
+        is handed to users (:func:`assemble`).
 
     Notes
     -----
-    Creating the assembler runs CE's ``initialize_explanation`` (a deep copy
-    of the explainer, 10-45 ms on W1-W3): create it after dispatching the
-    chunks to overlap that with the workers. Called from the caller's thread
-    only.
+    Creating the assembler runs CE's ``initialize_explanation`` (without
+    ``defer_snapshot``, a deep copy of the explainer, 10-45 ms on W1-W3):
+    create it after dispatching the chunks to overlap that with the workers.
+    Called from the caller's thread only.
     """
 
-    def __init__(self, plan: FactualPlan) -> None:
+    def __init__(self, plan: FactualPlan, *, defer_snapshot: bool = False) -> None:
         from calibrated_explanations.core.prediction_helpers import (
             initialize_explanation,
         )
@@ -97,15 +153,18 @@ class FactualAssembler:
         self._plan = plan
         self._n, self._num_features = batch.x.shape
         add_full_probabilities(plan)
+        snapshot = _SnapshotOnCopy(plan.explainer) if defer_snapshot else None
         with gc_paused():
             self._collection = initialize_explanation(
-                plan.explainer,
+                plan.explainer if snapshot is None else snapshot,
                 plan.x,
                 batch.low_high_percentiles,
                 plan.threshold,
                 plan.bins,
                 plan.features_to_ignore,
             )
+        if snapshot is not None:
+            snapshot.arm()
         if self._collection.is_alternative():
             reason = "the explainer holds an alternative-explanation discretizer"
             raise UnsupportedCaseError(reason)

@@ -334,7 +334,9 @@ class EngineFactualPlugin:
         with gc_paused():
             with plan.scores.installed(ce, bridge=True):
                 self._use_bridge(plan.scores.first_row, request)
-            assembler = FactualAssembler(plan)
+            # CE's orchestrator rebuilds the collection with from_batch,
+            # which takes the explainer's snapshot: ours is only a template.
+            assembler = FactualAssembler(plan, defer_snapshot=True)
             for result in results:
                 assembler.add(result)
             return collection_to_batch(assembler.finish())

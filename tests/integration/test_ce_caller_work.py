@@ -1,7 +1,8 @@
-"""ScoreMemo: CE's repeated model calls on a batch, scored once, same output.
+"""The caller's share of a CE call, cut without changing what CE returns.
 
-The oracle is CE 1.0.2's own sequential path on an identical explainer; the
-model is wrapped to count the rows it is asked to score in the caller.
+ScoreMemo: CE's repeated model calls on a batch, scored once. The deferred
+snapshot: one deep copy of the explainer per call instead of two. The
+oracle is CE 1.0.2's own sequential path on an identical explainer.
 """
 
 from __future__ import annotations
@@ -182,3 +183,106 @@ def test_an_error_inside_restores_the_calibrator() -> None:
     with pytest.raises(RuntimeError), ScoreMemo(np.ones((2, 2))).installed(explainer):
         raise RuntimeError("boom")
     assert explainer.interval_learner._predict_proba is score
+
+
+def _copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count deep copies of CalibratedExplainer (CE's snapshot step)."""
+    from calibrated_explanations.core.calibrated_explainer import CalibratedExplainer
+
+    copies: list[int] = []
+    original = CalibratedExplainer.__deepcopy__
+
+    def counting(self: Any, memo: dict[int, Any]) -> Any:
+        if id(self) not in memo:
+            copies.append(id(self))
+        return original(self, memo)
+
+    monkeypatch.setattr(CalibratedExplainer, "__deepcopy__", counting)
+    return copies
+
+
+def _snapshot_state(collection: Any) -> dict[str, Any]:
+    """The final collection's explainer snapshot, as comparable values."""
+    from calibrated_explanations.core.calibrated_explainer import CalibratedExplainer
+    from calibrated_explanations.explanations.explanations import (
+        FrozenCalibratedExplainer,
+    )
+
+    frozen = collection.calibrated_explainer
+    assert type(frozen) is FrozenCalibratedExplainer
+    inner = frozen.explainer
+    assert type(inner) is FrozenCalibratedExplainer  # CE's from_batch nesting
+    snapshot = inner.explainer
+    assert type(snapshot) is CalibratedExplainer
+    state = vars(snapshot)
+    return {
+        "keys": sorted(state),
+        "mode": state.get("_last_explanation_mode", "absent"),
+        "latest": state.get("latest_explanation"),
+        "x_cal": np.array(snapshot.x_cal),
+        "probabilities": snapshot.learner.predict_proba(np.array(snapshot.x_cal)),
+    }
+
+
+def test_one_snapshot_copy_per_call_and_the_same_snapshot(
+    data: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CE's sequential path copies the explainer twice per call (its template
+    # collection, then from_batch); the plugin once, at from_batch time, from
+    # the attributes as CE's first copy would have seen them.
+    x = data["x_test"]
+    copies = _copies(monkeypatch)
+    expected_wrapper, wrapper = _explainer(data), _explainer(data)
+    enable(wrapper, ParallelConfig(strategy="serial", min_batch_size=1))
+    try:
+        for call in range(2):  # the first call has no earlier explanation mode
+            copies.clear()
+            expected = expected_wrapper.explain_factual(x)
+            assert len(copies) == 2
+            copies.clear()
+            actual = wrapper.explain_factual(x)
+            assert len(copies) == 1
+            assert_same_explanations(actual, expected)
+            want, got = _snapshot_state(expected), _snapshot_state(actual)
+            assert got["keys"] == want["keys"]
+            assert got["mode"] == want["mode"], call
+            assert got["latest"] is None
+            assert want["latest"] is None
+            np.testing.assert_array_equal(got["x_cal"], want["x_cal"])
+            np.testing.assert_array_equal(got["probabilities"], want["probabilities"])
+            # A snapshot, not the live explainer: the live one moved on.
+            live = wrapper.explainer
+            snapshot = actual.calibrated_explainer.explainer.explainer
+            assert snapshot is not live
+            assert snapshot.learner is not live.learner
+            assert live.latest_explanation is actual
+        # An alternative explanation in between rebinds the live explainer's
+        # last mode: CE's snapshot of the next factual call still says
+        # "alternative", as it was when CE copied it.
+        expected_wrapper.explore_alternatives(x[:2])
+        wrapper.explore_alternatives(x[:2])
+        expected = expected_wrapper.explain_factual(x)
+        actual = wrapper.explain_factual(x)
+        want, got = _snapshot_state(expected), _snapshot_state(actual)
+        assert want["mode"] == "alternative"
+        assert got["mode"] == want["mode"]
+        assert wrapper.explainer.last_explanation_mode == "factual"
+    finally:
+        disable(wrapper)
+
+
+def test_the_live_explainer_is_left_as_the_call_left_it(data: dict[str, Any]) -> None:
+    # The snapshot briefly restores the attributes CE's own copy would have
+    # seen; afterwards the live explainer holds exactly what the call set.
+    wrapper = _explainer(data)
+    enable(wrapper, ParallelConfig(strategy="serial", min_batch_size=1))
+    try:
+        result = wrapper.explain_factual(data["x_test"])
+        live = wrapper.explainer
+        assert live.last_explanation_mode == "factual"
+        assert live.latest_explanation is result
+        assert not any(
+            type(value).__name__ == "_SnapshotOnCopy" for value in vars(live).values()
+        )
+    finally:
+        disable(wrapper)
