@@ -11,7 +11,7 @@
         per executor per array/ref, kept as futures     per executor; workers keep
       client.submit(_run_chunk, blob, items, {key:     the data in memory
         future}) ── at most 2 x threads in flight ──▶ _run_chunk: unpickle with the
-        (run_windowed: ordered, cancel, timeout)       data by key (read-only views),
+        (stream_chunks: ordered, cancel, timeout)      data by key (read-only views),
         ◀──────────── per-item result pickles ──────── run_chunk(as_worker=True)
       cancel/timeout/error: cancel futures, mark the run cancelled on every
         worker (client.run); owned cluster: kill workers still busy after
@@ -28,6 +28,9 @@ with ``WorkerCrashedError``, or they re-run serially in the caller with
 ``force_serial_on_failure``. On the cluster this strategy owns the scheduler
 gives up at the first death (``allowed-failures=0``); a remote scheduler
 applies its own setting (dask's default retries a task on 3 more workers).
+
+The chunk loop, the worker's task body and the recovery of lost chunks are
+shared with the joblib strategy (``engine.strategies._futures``).
 """
 
 from __future__ import annotations
@@ -45,9 +48,7 @@ import signal
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, final
 
 import cloudpickle
@@ -56,27 +57,13 @@ import distributed
 import numpy as np
 
 from engine import _env
-from engine._chunks import Chunk, run_chunk
+from engine._chunks import Chunk
 from engine._context import thread_cap
-from engine._wire import (
-    encode_results,
-    is_plain,
-    pack_error,
-)
-from engine.errors import (
-    BrokenExecutorError,
-    FallbackWarning,
-    StrategyUnavailableError,
-    WorkerCrashedError,
-)
+from engine.errors import BrokenExecutorError, StrategyUnavailableError
 from engine.payload import PayloadRef, readonly_view
-from engine.strategies._encoding import (
-    call_parts,
-    decode_outcome,
-    dumps_naming,
-    item_parts,
-)
-from engine.strategies.base import RunContext, Strategy, run_windowed
+from engine.strategies import _futures
+from engine.strategies._encoding import call_parts, dumps_naming
+from engine.strategies.base import RunContext, Strategy
 
 if TYPE_CHECKING:
     from engine.config import ParallelConfig
@@ -117,10 +104,7 @@ _KILL_SIGNAL: Final = getattr(signal, "SIGKILL", signal.SIGTERM)  # Windows: SIG
 
 # -- the worker side -------------------------------------------------------------
 
-_worker_lock = threading.Lock()
-_worker_calls: collections.OrderedDict[
-    str, tuple[Callable[..., Any], tuple[Any, ...]]
-] = collections.OrderedDict()
+_worker_calls = _futures.CallCache(CALL_CACHE_SIZE)
 _cancelled_runs: collections.deque[str] = collections.deque(maxlen=CANCELLED_MEMORY)
 
 
@@ -139,22 +123,9 @@ def _load(blob: bytes, data: dict[str, Any]) -> Any:
     return _DataUnpickler(io.BytesIO(blob), data).load()
 
 
-def _call_for(
-    call_key: str, call_blob: bytes, data: dict[str, Any]
-) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-    """Unpickle ``(fn, extra_args)`` once per run in this worker process."""
-    with _worker_lock:
-        cached = _worker_calls.get(call_key)
-        if cached is not None:
-            _worker_calls.move_to_end(call_key)
-            return cached
+def _load_call(call_blob: bytes, data: dict[str, Any]) -> _futures.Call:
     fn, extra_args = _load(call_blob, data)
-    cached = (fn, tuple(extra_args))
-    with _worker_lock:
-        _worker_calls[call_key] = cached
-        while len(_worker_calls) > CALL_CACHE_SIZE:
-            _worker_calls.popitem(last=False)
-    return cached
+    return fn, tuple(extra_args)
 
 
 def _run_chunk(
@@ -165,30 +136,16 @@ def _run_chunk(
     start: int,
     submitted_at: float,
 ) -> tuple[bool, bytes]:
-    """Run one chunk on a dask worker; return ``(ok, payload)``.
-
-    The payload is ``engine._wire``'s format, shared with the
-    processes strategy: per-item result pickles (a failure names its item)
-    or an exception with its remote traceback. An error travels as a value:
-    dask would pickle the exception without ``__cause__`` and log it.
-    """
-    wait_s = max(0.0, time.time() - submitted_at)  # clocks of two machines
-    where = "function"
-    try:
-        fn, extra_args = _call_for(call_key, call_blob, data)
-        where = "items"
-        items = _load(items_blob, data)
-        where = "fn"
-        results, compute_s = run_chunk(
-            fn,
-            items,
-            extra_args,
-            is_cancelled=lambda: call_key in _cancelled_runs,
-            as_worker=True,
-        )
-        return True, b"".join(encode_results(results, start, compute_s, wait_s))
-    except BaseException as exc:  # fn calling sys.exit() is reported too
-        return False, pack_error(exc, where=where)
+    """Run one chunk on a dask worker; return ``(ok, payload)`` (``run_task``)."""
+    return _futures.run_task(
+        _worker_calls,
+        call_key,
+        functools.partial(_load_call, call_blob, data),
+        functools.partial(_load, items_blob, data),
+        start=start,
+        submitted_at=submitted_at,
+        is_cancelled=lambda: call_key in _cancelled_runs,
+    )
 
 
 def _mark_cancelled(call_key: str) -> None:
@@ -240,19 +197,11 @@ class _KeyPickler(cloudpickle.Pickler):
         return key
 
 
-class _NotDoneError(Exception):
-    """A poll found the chunk still running (never escapes this module)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Lost:
-    """The outcome of a chunk whose worker died (``KilledWorker``)."""
-
-    error: BaseException
-
-
 class _Pending:
-    """One chunk's dask future, as ``run_windowed`` wants it."""
+    """One chunk's dask future, as ``run_windowed`` wants it.
+
+    ``result`` returns ``Lost`` for a chunk whose worker died (``KilledWorker``).
+    """
 
     __slots__ = ("_finished", "chunk_index", "future")
 
@@ -266,14 +215,14 @@ class _Pending:
 
     def result(self, timeout: float | None = None) -> Any:
         if not self._finished.wait(timeout):
-            raise _NotDoneError
+            raise _futures.NotDoneError
         status = self.future.status
         if status == "finished":
             return self.future.result()
         if status == "error":
             error = self.future.exception()
             if isinstance(error, distributed.KilledWorker):
-                return _Lost(error)
+                return _futures.Lost(error)
             raise error
         msg = (
             f"dask reported chunk {self.chunk_index} as {status} although this run "
@@ -477,21 +426,13 @@ class DaskStrategy(Strategy):
             call_arg = client.scatter([call_blob], hash=False)[0]
         ctx.recorder.add(dispatch_overhead_s=time.perf_counter() - started)
         threads = max(1, sum(client.nthreads().values()))
-        submitted: collections.deque[_Pending] = collections.deque()
 
-        def submit(chunk: Chunk) -> _Pending:
-            began = time.perf_counter()
+        def submit(chunk: Chunk) -> tuple[_Pending, int]:
             item_refs: dict[str, Any] = {}
-            items = list(chunk.items)
-            items_blob = (
-                pickle.dumps(items, protocol=5)
-                if is_plain(items)
-                else dumps_naming(
-                    functools.partial(self._pickle_with_keys, found=item_refs),
-                    items,
-                    item_parts(chunk),
-                    workers="the dask workers",
-                )
+            items_blob = _futures.encode_items(
+                chunk,
+                functools.partial(self._pickle_with_keys, found=item_refs),
+                workers="the dask workers",
             )
             data = {**call_data, **self._scatter(client, item_refs, ctx)}
             future = client.submit(
@@ -505,35 +446,21 @@ class DaskStrategy(Strategy):
                 key=f"{call_key}-{chunk.index}",
                 pure=False,
             )
-            pending = _Pending(future, chunk.index)
-            while submitted and submitted[0].done():
-                submitted.popleft()
-            submitted.append(pending)
-            ctx.recorder.add(
-                dispatch_overhead_s=time.perf_counter() - began,
-                bytes_pickled=len(call_blob) + len(items_blob),
-            )
-            return pending
+            return _Pending(future, chunk.index), len(call_blob) + len(items_blob)
 
-        windowed = run_windowed(
-            submit,
-            chunks,
-            ctx,
-            max_in_flight=threads * IN_FLIGHT_PER_THREAD,
-            timeout_errors=(_NotDoneError,),
-        )
         try:
-            for chunk, outcome in windowed:
-                if isinstance(outcome, _Lost):
-                    yield chunk, self._recover(fn, chunk, extra_args, outcome, ctx)
-                    continue
-                yield chunk, decode_outcome(chunk, outcome, ctx)
-        except BaseException as exc:
-            # Closing the window first cancels the run and its queued chunks
-            # (it is still open when our consumer closed us: GeneratorExit).
-            windowed.close()
-            self._stop_in_flight(client, submitted, call_key, ctx, exc)
-            raise
+            yield from _futures.stream_chunks(
+                submit,
+                chunks,
+                ctx,
+                max_in_flight=threads * IN_FLIGHT_PER_THREAD,
+                recover=lambda chunk, lost: self._recover(
+                    fn, chunk, extra_args, lost, ctx
+                ),
+                stop_in_flight=lambda submitted, exc: self._stop_in_flight(
+                    client, submitted, call_key, ctx, exc
+                ),
+            )
         finally:
             if call_arg is not call_blob:
                 call_arg.release()
@@ -543,34 +470,23 @@ class DaskStrategy(Strategy):
         fn: Callable[..., Any],
         chunk: Chunk,
         extra_args: tuple[Any, ...],
-        lost: _Lost,
+        lost: _futures.Lost,
         ctx: RunContext,
     ) -> list[Any]:
         """A chunk's worker died: raise ``WorkerCrashedError`` or run it here."""
-        ctx.check()  # a shutdown or cancel, not a crash, may have ended the pool
-        ctx.recorder.add(failures=1)  # the nanny, not we, replaces the worker
-        what = (
-            f"the dask worker running chunk {chunk.index} (items {chunk.start}.."
-            f"{chunk.start + len(chunk) - 1}) died ({lost.error})"
+        # No worker_restarts: the nanny, not we, replaces the worker.
+        crash = _futures.Crash(
+            what=(
+                f"the dask worker running chunk {chunk.index} (items {chunk.start}.."
+                f"{chunk.start + len(chunk) - 1}) died ({lost.error})"
+            ),
+            status=(
+                "Only the chunks that worker held are lost and the executor "
+                "stays usable."
+            ),
+            cause=lost.error,
         )
-        if not self.config.force_serial_on_failure:
-            msg = (
-                f"{what}. Only the chunks that worker held are lost and the executor "
-                "stays usable. To re-run lost chunks serially instead, set "
-                "ParallelConfig(force_serial_on_failure=True) (CE_PARALLEL token "
-                "force_serial=on)."
-            )
-            raise WorkerCrashedError(msg, chunk_index=chunk.index) from lost.error
-        reason = f"{what}; re-ran chunk {chunk.index} serially in the caller"
-        warnings.warn(reason, FallbackWarning, stacklevel=2)
-        ctx.recorder.record_fallback(reason, requested=self.NAME, chunk=chunk.index)
-        assert self.payloads is not None, "the executor passes a PayloadStore"
-        local_args = self.payloads.resolve_local(extra_args)
-        results, compute_s = run_chunk(
-            fn, chunk.items, local_args, is_cancelled=ctx.is_cancelled, as_worker=False
-        )
-        ctx.recorder.add(chunks=1, items=len(chunk), compute_s=compute_s)
-        return results
+        return _futures.rerun_or_raise(self, fn, chunk, extra_args, ctx, crash)
 
     def _stop_in_flight(
         self,

@@ -7,7 +7,7 @@
       payloads.dumps(chunk.items)  ─ per chunk            env: BLAS/OMP/numba caps)
       executor.submit(_run_task, ...) ── call queue ────▶ _run_task: loads + resolve
         │  at most 2 x workers chunks in flight            (refs -> attach(): zero-
-        │  (run_windowed: ordered, cancel, timeout)         copy read-only views),
+        │  (stream_chunks: ordered, cancel, timeout)        copy read-only views),
         ◀────────── per-item result pickles, compute_s ── run_chunk(as_worker=True)
       cancel/timeout/error: cancel board slot := run      checks the cancel board
         generation; wait cancel_grace_s; then kill the     between items
@@ -15,10 +15,11 @@
 
 Why a private ``loky`` ``ProcessPoolExecutor`` and not ``joblib.Parallel``:
 every chunk is one future, so a crash, an error or a cancel is tied to a
-chunk index; ``run_windowed`` gives the same bounded, ordered streaming,
-cancel and timeout as the other future-based strategies; and killing a
-stuck pool never touches joblib's process-wide reusable executor, which the
-user's own ``joblib.Parallel`` calls may be using. Large arrays travel as
+chunk index; ``engine.strategies._futures`` gives the same bounded,
+ordered streaming, cancel, timeout and crash recovery as the dask
+strategy; and killing a stuck pool never touches joblib's process-wide
+reusable executor, which the user's own ``joblib.Parallel`` calls may be
+using. Large arrays travel as
 ``PayloadRef`` handles made by ``PayloadStore.dumps``: joblib's memmapping
 is never involved.
 
@@ -32,22 +33,19 @@ to a fresh pool.
 from __future__ import annotations
 
 import atexit
-import collections
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import mmap
 import os
-import pickle
 import re
 import struct
 import tempfile
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, final
 
 from joblib import parallel_config
@@ -59,22 +57,13 @@ from joblib.externals.loky.process_executor import (
 )
 
 from engine import _env, payload
-from engine._chunks import Chunk, run_chunk
+from engine._chunks import Chunk
 from engine._context import thread_cap
 from engine._state import mark_worker_process
-from engine._wire import (
-    encode_results,
-    is_plain,
-    pack_error,
-)
-from engine.errors import ConfigError, FallbackWarning, WorkerCrashedError
-from engine.strategies._encoding import (
-    call_parts,
-    decode_outcome,
-    dumps_naming,
-    item_parts,
-)
-from engine.strategies.base import RunContext, Strategy, run_windowed
+from engine.errors import ConfigError
+from engine.strategies import _futures
+from engine.strategies._encoding import call_parts, dumps_naming
+from engine.strategies.base import RunContext, Strategy
 
 if TYPE_CHECKING:
     from engine.config import ParallelConfig
@@ -150,9 +139,7 @@ class _CancelBoard:
 # -- the worker side -------------------------------------------------------------
 
 _worker_board: _CancelBoard | None = None
-_worker_calls: collections.OrderedDict[
-    str, tuple[Callable[..., Any], tuple[Any, ...]]
-] = collections.OrderedDict()
+_worker_calls = _futures.CallCache(CALL_CACHE_SIZE)
 
 
 def _watch_parent(parent_pid: int, board_path: str) -> None:
@@ -181,20 +168,9 @@ def _init_worker(board_path: str, parent_pid: int) -> None:
     ).start()
 
 
-def _call_for(
-    call_key: str, call_blob: bytes
-) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-    """Unpickle ``(fn, extra_args)`` once per run in this worker."""
-    cached = _worker_calls.get(call_key)
-    if cached is not None:
-        _worker_calls.move_to_end(call_key)
-        return cached
+def _load_call(call_blob: bytes) -> _futures.Call:
     fn, extra_args = payload.loads(call_blob)
-    cached = (fn, payload.resolve(tuple(extra_args)))
-    _worker_calls[call_key] = cached
-    while len(_worker_calls) > CALL_CACHE_SIZE:
-        _worker_calls.popitem(last=False)
-    return cached
+    return fn, payload.resolve(tuple(extra_args))
 
 
 def _run_task(
@@ -205,33 +181,24 @@ def _run_task(
     generation: int,
     submitted_at: float,
 ) -> tuple[bool, bytes]:
-    """Run one chunk in a loky worker; return ``(ok, payload)``.
+    """Run one chunk in a loky worker; return ``(ok, payload)`` (``run_task``)."""
+    board = _worker_board
 
-    The payload is ``engine._wire``'s format, shared with the
-    processes strategy: per-item result pickles (a failure names its item)
-    or an exception with its remote traceback.
-    """
-    wait_s = max(0.0, time.time() - submitted_at)
-    where = "function"
-    try:
-        fn, extra_args = _call_for(call_key, call_blob)
-        where = "items"
-        items = payload.loads(items_blob)
-        where = "fn"
-        board = _worker_board
+    def is_cancelled() -> bool:
+        return board is not None and board.is_marked(generation)
 
-        def is_cancelled() -> bool:
-            return board is not None and board.is_marked(generation)
-
+    return _futures.run_task(
+        _worker_calls,
+        call_key,
+        functools.partial(_load_call, call_blob),
+        functools.partial(payload.loads, items_blob),
+        start=start,
+        submitted_at=submitted_at,
+        is_cancelled=is_cancelled,
         # joblib's own rule for Parallel nested in a loky worker: threads
         # (LokyBackend.get_nested_backend), never a process pool per worker.
-        with parallel_config(backend="threading"):
-            results, compute_s = run_chunk(
-                fn, items, extra_args, is_cancelled=is_cancelled, as_worker=True
-            )
-        return True, b"".join(encode_results(results, start, compute_s, wait_s))
-    except BaseException as exc:  # fn calling sys.exit() is reported too
-        return False, pack_error(exc, where=where)
+        scope=functools.partial(parallel_config, backend="threading"),
+    )
 
 
 def _warm_up() -> int:
@@ -241,23 +208,11 @@ def _warm_up() -> int:
 # -- the caller side -------------------------------------------------------------
 
 
-class _NotDoneError(Exception):
-    """A poll found the chunk still running (never escapes this module)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Lost:
-    """The outcome of a chunk whose loky pool broke under it."""
-
-    error: BaseException
-    epoch: int
-
-
 class _Pending:
     """One chunk's loky future, as ``run_windowed`` wants it.
 
-    ``result`` separates "not finished yet" (``_NotDoneError``) from a task that
-    itself raised ``TimeoutError``, returns ``_Lost`` for a broken pool, and
+    ``result`` separates "not finished yet" (``NotDoneError``) from a task that
+    itself raised ``TimeoutError``, returns ``Lost`` for a broken pool, and
     resubmits a chunk whose pool this strategy killed on purpose (another
     run's forced cancel).
     """
@@ -278,15 +233,15 @@ class _Pending:
         try:
             error = self.future.exception(timeout=timeout)
         except concurrent.futures.TimeoutError:
-            raise _NotDoneError from None
+            raise _futures.NotDoneError from None
         if error is None:
             return self.future.result()
         if isinstance(error, _LOST_ERRORS):
             again = self._resubmit(self.epoch)
             if again is not None:
                 self.future, self.epoch = again
-                raise _NotDoneError
-            return _Lost(error, self.epoch)
+                raise _futures.NotDoneError
+            return _futures.Lost(error, self.epoch)
         raise error
 
     def cancel(self) -> bool:
@@ -474,20 +429,10 @@ class JoblibStrategy(Strategy):
             dispatch_overhead_s=time.perf_counter() - started,
             bytes_shared=self._count_shared(extra_args, shared_before),
         )
-        submitted: collections.deque[_Pending] = collections.deque()
 
-        def submit(chunk: Chunk) -> _Pending:
-            began = time.perf_counter()
-            items = list(chunk.items)
-            items_blob = (
-                pickle.dumps(items, protocol=5)
-                if is_plain(items)
-                else dumps_naming(
-                    payloads.dumps,
-                    items,
-                    item_parts(chunk),
-                    workers="the joblib workers",
-                )
+        def submit(chunk: Chunk) -> tuple[_Pending, int]:
+            items_blob = _futures.encode_items(
+                chunk, payloads.dumps, workers="the joblib workers"
             )
 
             def submit_task(executor: ProcessPoolExecutor) -> concurrent.futures.Future:
@@ -510,73 +455,44 @@ class JoblibStrategy(Strategy):
                 executor, epoch = self._current()
                 future = submit_task(executor)
             pending = _Pending(future, epoch, self._resubmitter(submit_task))
-            while submitted and submitted[0].done():
-                submitted.popleft()
-            submitted.append(pending)
-            ctx.recorder.add(
-                dispatch_overhead_s=time.perf_counter() - began,
-                bytes_pickled=len(call_blob) + len(items_blob),
-            )
-            return pending
+            return pending, len(call_blob) + len(items_blob)
 
-        windowed = run_windowed(
+        yield from _futures.stream_chunks(
             submit,
             chunks,
             ctx,
             max_in_flight=self.workers * IN_FLIGHT_PER_WORKER,
-            timeout_errors=(_NotDoneError,),
+            recover=lambda chunk, lost: self._recover(fn, chunk, extra_args, lost, ctx),
+            stop_in_flight=lambda submitted, exc: self._stop_in_flight(
+                submitted, generation, ctx, exc
+            ),
         )
-        try:
-            for chunk, outcome in windowed:
-                if isinstance(outcome, _Lost):
-                    yield chunk, self._recover(fn, chunk, extra_args, outcome, ctx)
-                    continue
-                yield chunk, decode_outcome(chunk, outcome, ctx)
-        except BaseException as exc:
-            # Closing the window first cancels the run and its queued chunks
-            # (it is still open when our consumer closed us: GeneratorExit).
-            windowed.close()
-            self._stop_in_flight(submitted, generation, ctx, exc)
-            raise
 
     def _recover(
         self,
         fn: Callable[..., Any],
         chunk: Chunk,
         extra_args: tuple[Any, ...],
-        lost: _Lost,
+        lost: _futures.Lost,
         ctx: RunContext,
     ) -> list[Any]:
         """A chunk's pool broke: raise ``WorkerCrashedError`` or run it here."""
-        ctx.check()  # a shutdown or cancel, not a crash, may have ended the pool
         if self._discard(lost.epoch, on_purpose=False):
             ctx.recorder.add(worker_restarts=self.workers)
-        ctx.recorder.add(failures=1)
         signal_name, exitcode = _crash_details(lost.error)
-        what = (
-            f"a joblib (loky) worker died (exit code {exitcode}, {signal_name}) while "
-            f"chunk {chunk.index} (items {chunk.start}..{chunk.start + len(chunk) - 1}) "
-            "was in flight; loky fails every chunk in flight when one worker dies"
+        crash = _futures.Crash(
+            what=(
+                f"a joblib (loky) worker died (exit code {exitcode}, {signal_name}) "
+                f"while chunk {chunk.index} (items {chunk.start}.."
+                f"{chunk.start + len(chunk) - 1}) was in flight; loky fails every "
+                "chunk in flight when one worker dies"
+            ),
+            status="The executor stays usable.",
+            cause=lost.error,
+            exitcode=exitcode,
+            signal_name=signal_name,
         )
-        if not self.config.force_serial_on_failure:
-            msg = (
-                f"{what}. The executor stays usable. To re-run lost chunks serially "
-                "instead, set ParallelConfig(force_serial_on_failure=True) "
-                "(CE_PARALLEL token force_serial=on)."
-            )
-            raise WorkerCrashedError(
-                msg, exitcode=exitcode, signal_name=signal_name, chunk_index=chunk.index
-            ) from lost.error
-        reason = f"{what}; re-ran chunk {chunk.index} serially in the caller"
-        warnings.warn(reason, FallbackWarning, stacklevel=2)
-        ctx.recorder.record_fallback(reason, requested=self.NAME, chunk=chunk.index)
-        assert self.payloads is not None
-        local_args = self.payloads.resolve_local(extra_args)
-        results, compute_s = run_chunk(
-            fn, chunk.items, local_args, is_cancelled=ctx.is_cancelled, as_worker=False
-        )
-        ctx.recorder.add(chunks=1, items=len(chunk), compute_s=compute_s)
-        return results
+        return _futures.rerun_or_raise(self, fn, chunk, extra_args, ctx, crash)
 
     def _stop_in_flight(
         self,

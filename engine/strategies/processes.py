@@ -10,7 +10,7 @@
       Run.wait_for(k) ◀── outcomes ◀──────────── RESULT / ERROR / CANCELLED
       decode in order, yield (chunk, results)    crash -> CRASHED outcome
       crash: WorkerCrashedError, or re-run serially here
-      (force_serial_on_failure) with a FallbackWarning
+      (force_serial_on_failure) with a FallbackWarning (_failures.settle)
       error / cancel / timeout / close: Run.stop -> CANCEL, kill after grace
 
 The pool (a supervisor process and its workers, engine._supervisor_main)
@@ -26,38 +26,27 @@ import atexit
 import enum
 import os
 import pickle
-import sys
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Final, final
 
 from engine import payload as _payload
-from engine._chunks import Chunk, run_chunk
+from engine._chunks import Chunk
 from engine._context import (
     process_support_problem,
     resolve_start_method,
     thread_cap,
     worker_environment,
 )
-from engine._wire import (
-    is_plain,
-    unpack_error,
-)
-from engine.errors import (
-    BrokenExecutorError,
-    CancelledError,
-    FallbackWarning,
-    PayloadError,
-    StrategyUnavailableError,
-    WorkerCrashedError,
-)
+from engine._wire import is_plain
+from engine.errors import BrokenExecutorError, PayloadError, StrategyUnavailableError
 from engine.forksafe import register_fork_reset, unregister_fork_reset
 from engine.strategies._dispatch import Dispatcher
 from engine.strategies._encoding import decode_ready, dump_items, unpicklable_error
-from engine.strategies._runs import MapCounts, Outcome, OutcomeKind, Outgoing, Run
+from engine.strategies._failures import settle
+from engine.strategies._runs import MapCounts, OutcomeKind, Outgoing, Run
 from engine.strategies.base import POLL_INTERVAL_S, RunContext, Strategy
 
 if TYPE_CHECKING:
@@ -116,14 +105,6 @@ def _install_atexit() -> None:
         if not _atexit_installed:
             _atexit_installed = True
             atexit.register(_close_live_pools)
-
-
-def _describe_exit(outcome: Outcome) -> str:
-    if outcome.signal_name is not None:
-        return f"killed by {outcome.signal_name}"
-    if outcome.exitcode is not None:
-        return f"exit code {outcome.exitcode}"
-    return "exit status unknown"
 
 
 @final
@@ -441,8 +422,15 @@ class ProcessesStrategy(Strategy):
                         elif kind is _LOST:  # its pack's worker died: again
                             self._resend(dispatcher, run, pending[index], counts, used)
                         else:  # raises, or re-runs a crashed chunk serially
-                            done[index] = self._settle(
-                                pending.get(index), outcome, fn, extra_args, ctx, counts
+                            done[index] = settle(
+                                pending.get(index),
+                                outcome,
+                                fn,
+                                extra_args,
+                                ctx,
+                                counts,
+                                store=self._store(),
+                                force_serial=self.config.force_serial_on_failure,
                             )
                 # Decode what is ready, in input order, then yield it: one
                 # clock pair per batch, not per chunk (W4's tiny chunks).
@@ -537,91 +525,3 @@ class ProcessesStrategy(Strategy):
         run.enqueue([Outgoing(chunk.index, chunk.start, data, time.monotonic())])
         dispatcher.wake()
         counts.bytes_pickled += len(data)
-
-    def _settle(
-        self,
-        chunk: Chunk | None,
-        outcome: Outcome,
-        fn: Callable[..., Any],
-        extra_args: tuple[Any, ...],
-        ctx: RunContext,
-        counts: MapCounts,
-    ) -> list[Any]:
-        """Turn a chunk's failure outcome into re-run results, or raise."""
-        kind = outcome.kind
-        recorder = ctx.recorder
-        if kind is OutcomeKind.ERROR:
-            recorder.add(failures=1)
-            raise unpack_error(outcome.payload)
-        if kind is OutcomeKind.CRASHED and chunk is not None:
-            recorder.add(failures=1)
-            how = _describe_exit(outcome)
-            where = f"chunk {chunk.index} (items {chunk.start}..{chunk.start + len(chunk) - 1})"
-            if self.config.force_serial_on_failure:
-                results = self._rerun_serially(
-                    chunk, outcome, how, where, fn, extra_args, ctx
-                )
-                counts.total_chunks += 1
-                return results
-            msg = (
-                f"worker process {outcome.pid} died ({how}) while running {where}; "
-                "the pool replaced it and stays usable. Set "
-                "ParallelConfig(force_serial_on_failure=True) (CE_PARALLEL token "
-                "force_serial=on) to re-run lost chunks serially instead."
-            )
-            raise WorkerCrashedError(
-                msg,
-                pid=outcome.pid,
-                exitcode=outcome.exitcode,
-                signal_name=outcome.signal_name,
-                chunk_index=chunk.index,
-            )
-        if kind is OutcomeKind.FAILED:
-            error_type = outcome.error_type or BrokenExecutorError
-            raise error_type(outcome.reason)
-        ctx.check()  # CANCELLED: only a cancelled run gets these
-        msg = f"chunk {getattr(chunk, 'index', '?')} was cancelled"
-        raise CancelledError(msg)
-
-    # FAULTS.md #1 with force_serial_on_failure: the lost chunk runs here, in
-    # the caller, with the original fn and locally resolved payloads.
-    def _rerun_serially(
-        self,
-        chunk: Chunk,
-        outcome: Outcome,
-        how: str,
-        where: str,
-        fn: Callable[..., Any],
-        extra_args: tuple[Any, ...],
-        ctx: RunContext,
-    ) -> list[Any]:
-        reason = (
-            f"worker process {outcome.pid} died ({how}) while running {where}; "
-            "re-ran it serially in the caller (force_serial_on_failure=True)"
-        )
-        warnings.warn(reason, FallbackWarning, stacklevel=_user_stacklevel())
-        ctx.recorder.record_fallback(
-            reason,
-            chunk=chunk.index,
-            pid=outcome.pid,
-            exitcode=outcome.exitcode,
-            signal=outcome.signal_name,
-        )
-        local_args = self._store().resolve_local(tuple(extra_args))
-        results, compute_s = run_chunk(
-            fn, chunk.items, local_args, is_cancelled=ctx.is_cancelled, as_worker=False
-        )
-        ctx.recorder.add(chunks=1, items=len(results), compute_s=compute_s)
-        return results
-
-
-def _user_stacklevel() -> int:
-    """Stack level of the first frame outside the engine (for warnings)."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(
-        "engine"
-    ):
-        frame = frame.f_back
-        level += 1
-    return level
