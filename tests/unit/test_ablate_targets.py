@@ -1,0 +1,57 @@
+"""The ablation's target checks: auto against the best fixed strategy, paired."""
+
+from __future__ import annotations
+
+import math
+
+from engine._ablate import paired_ratio, targets
+
+
+def _workload(samples: dict[str, list[float]]) -> dict[str, object]:
+    medians = {
+        name: sorted(values)[len(values) // 2] for name, values in samples.items()
+    }
+    return {"median_s": medians, "samples_s": samples}
+
+
+def test_paired_ratio_cancels_drift_between_rounds() -> None:
+    # The machine slows down 2x halfway through: auto and serial run back to
+    # back in each round, and auto is 5 % slower in every round.
+    serial = [1.0, 1.0, 2.0, 2.0, 2.0]
+    auto = [value * 1.05 for value in serial]
+    assert math.isclose(
+        paired_ratio({"auto": auto, "serial": serial}, "auto", "serial"), 1.05
+    )
+
+
+def test_best_fixed_is_chosen_by_median_then_compared_round_by_round() -> None:
+    # threads' median is lowest, but by luck: it had the quiet rounds. Round
+    # by round, auto is as fast as threads; the ratio of medians said 1.2.
+    results = {
+        "W9": _workload(
+            {
+                "threads": [1.0, 1.0, 1.0, 1.5, 1.5],
+                "auto": [1.0, 1.0, 1.2, 1.5, 1.5],
+                "serial": [1.3, 1.3, 1.3, 1.3, 1.3],
+            }
+        )
+    }
+    out = targets(results)
+    assert math.isclose(out["auto_vs_best_fixed"]["W9"], 1.0)
+    assert out["auto_vs_best_fixed_ok"] is True
+
+
+def test_a_consistently_slower_auto_fails_the_target() -> None:
+    results = {
+        "W9": _workload(
+            {"serial": [1.0, 1.1, 0.9, 1.0, 1.0], "auto": [1.2, 1.32, 1.08, 1.2, 1.2]}
+        )
+    }
+    out = targets(results)
+    assert math.isclose(out["auto_vs_best_fixed"]["W9"], 1.2)
+    assert out["auto_vs_best_fixed_ok"] is False
+
+
+def test_reports_without_samples_fall_back_to_the_ratio_of_medians() -> None:
+    results = {"W9": {"median_s": {"serial": 2.0, "auto": 2.4}}}
+    assert math.isclose(targets(results)["auto_vs_best_fixed"]["W9"], 1.2)
