@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TWO_WORKERS = "processes-fork"
 TARGET_VS_SEQUENTIAL = 5.0  # issue 5
 TARGET_VS_TUNED = 4.0  # issue 5
-TARGET_EFFICIENCY = 1.7  # issue 5, W2 and W3 only
+TARGET_EFFICIENCY = 1.7  # BENCH.md targets table, W2 and W3 only
 EFFICIENCY_WORKLOADS = ("W2", "W3")
 MIN_ROUNDS = 5  # BENCH.md
 
