@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final, final
 
 SCHEMA_VERSION: Final = 1
+# Run summaries an executor keeps (the most recent); totals cover every run.
+# A summary is ~1 KB: a plugin executor living for a service's lifetime, one
+# run per explain call, would otherwise grow without bound.
+KEEP_RUNS: Final = 1000
 
 logger = logging.getLogger("engine")
 _run_ids = itertools.count(1)
@@ -219,7 +223,16 @@ class Telemetry:
     callback: Callable[[dict[str, Any]], None] | None = None
     runs: list[RunSummary] = field(default_factory=list)
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
+    keep_runs: int = KEEP_RUNS
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Over every run, including those no longer kept in ``runs``.
+    _totals: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(_AGGREGATED_COUNTS, 0), repr=False
+    )
+    _run_count: int = field(default=0, repr=False)
+    _capacity_s: float = field(default=0.0, repr=False)
+    _nested: bool = field(default=False, repr=False)
+    _fallback_count: int = field(default=0, repr=False)
 
     def note_fallback(self, reason: str, **detail: Any) -> None:
         """Record work that ran outside any run, other than asked (any thread).
@@ -230,6 +243,9 @@ class Telemetry:
         event = {"reason": reason, **detail}
         with self._lock:
             self.fallbacks.append(event)
+            self._fallback_count += 1
+            if len(self.fallbacks) > self.keep_runs:
+                del self.fallbacks[0]
         self.emit({"event": "fallback", "run_id": None, **event})
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -260,36 +276,53 @@ class Telemetry:
         return recorder
 
     def add(self, summary: RunSummary) -> None:
-        """Keep a finished run's summary."""
+        """Count a finished run; keep its summary among the last ``keep_runs``.
+
+        A warm executor can run maps for the life of a service (the
+        calibrated-explanations plugin: one per ``explain_factual``): the
+        totals cover every run, the per-run list only the most recent.
+        """
         with self._lock:
+            self._run_count += 1
+            for name in _AGGREGATED_COUNTS:
+                self._totals[name] += getattr(summary, name)
+            self._capacity_s += summary.wall_s * max(1, summary.workers)
+            self._nested = self._nested or summary.nested
+            self._fallback_count += len(summary.fallbacks)
             self.runs.append(summary)
+            if len(self.runs) > self.keep_runs:
+                del self.runs[0]
 
     def summary(self) -> dict[str, Any]:
         """Return totals over all runs plus the last run's fields, as a dict.
 
         The top level carries the last run's ``strategy``, ``reason``,
-        ``workers`` and ``start_method``, the sums of the counters over all
-        runs, ``utilisation`` over all runs, and ``runs``: each run's dict.
+        ``workers`` and ``start_method``, ``run_count``, the sums of the
+        counters and ``utilisation`` over all runs, ``fallback_count``, and
+        ``runs`` and ``fallbacks``: the dicts of the last ``keep_runs`` runs
+        and the fallbacks they and the integrations recorded (at most
+        ``keep_runs`` of the latter).
         """
         with self._lock:
             runs = list(self.runs)
-        out: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "run_count": len(runs),
-            "strategy": runs[-1].strategy if runs else None,
-            "reason": runs[-1].reason if runs else None,
-            "workers": runs[-1].workers if runs else 0,
-            "start_method": runs[-1].start_method if runs else None,
-            "nested": any(run.nested for run in runs),
-        }
+            totals = dict(self._totals)
+            capacity = self._capacity_s
+            outside = [dict(item) for item in self.fallbacks]
+            out: dict[str, Any] = {
+                "schema_version": SCHEMA_VERSION,
+                "run_count": self._run_count,
+                "strategy": runs[-1].strategy if runs else None,
+                "reason": runs[-1].reason if runs else None,
+                "workers": runs[-1].workers if runs else 0,
+                "start_method": runs[-1].start_method if runs else None,
+                "nested": self._nested,
+                "fallback_count": self._fallback_count,
+            }
         for name in _AGGREGATED_COUNTS:
-            out[name] = sum(getattr(run, name) for run in runs)
-        capacity = sum(run.wall_s * max(1, run.workers) for run in runs)
+            out[name] = totals[name]
         out["utilisation"] = (
             min(1.0, out["compute_s"] / capacity) if capacity > 0 else 0.0
         )
-        with self._lock:
-            outside = [dict(item) for item in self.fallbacks]
         out["fallbacks"] = [
             dict(item) for run in runs for item in run.fallbacks
         ] + outside

@@ -129,3 +129,35 @@ def test_debug_log(caplog: pytest.LogCaptureFixture) -> None:
         telemetry.recorder(strategy="serial", reason="gated", workers=1).finish("ok")
     assert "run_started" in caplog.text
     assert "gated" in caplog.text
+
+
+def test_totals_cover_every_run_but_only_the_latest_are_kept() -> None:
+    # A warm executor may run maps for a service's lifetime: the summaries
+    # kept are bounded, the totals are not truncated.
+    telemetry = Telemetry(keep_runs=3)
+    for items in range(1, 8):
+        recorder = telemetry.recorder(
+            strategy="serial", reason=f"run {items}", workers=1
+        )
+        recorder.add(items=items, chunks=1, compute_s=0.25)
+        recorder.record_fallback(f"fallback in run {items}")
+        telemetry.add(recorder.finish("ok"))
+        telemetry.note_fallback(f"outside run {items}")
+    summary = telemetry.summary()
+    assert len(telemetry.runs) == 3
+    assert [run["reason"] for run in summary["runs"]] == ["run 5", "run 6", "run 7"]
+    assert summary["run_count"] == 7
+    assert summary["items"] == sum(range(1, 8))
+    assert summary["chunks"] == 7
+    assert summary["compute_s"] == pytest.approx(7 * 0.25)
+    assert summary["reason"] == "run 7"
+    assert summary["fallback_count"] == 14
+    reasons = [item["reason"] for item in summary["fallbacks"]]
+    assert reasons == [
+        "fallback in run 5",
+        "fallback in run 6",
+        "fallback in run 7",
+        "outside run 5",
+        "outside run 6",
+        "outside run 7",
+    ]
