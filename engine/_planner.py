@@ -97,20 +97,16 @@ class AutoPlanner:
         items: Sequence[Any],
         local_args: tuple[Any, ...],
         n_items: int,
-        *,
-        tiny: bool = False,
     ) -> tuple[list[Any], float]:
         """Run the first items in the caller; return their results and cost each.
 
         Past the probe, keep going in the caller while the whole map projects
         to less work than any pool could save (W6, W7), in doubling batches so
-        the clock is read log(n) times (W4). ``tiny``: an earlier probe of
-        ``fn`` says the whole map is that small, so it runs as one batch (W7:
-        20 maps of 10 items paid 5 probe steps each).
+        the clock is read log(n) times (W4).
         """
         probe: list[Any] = []
         started = time.perf_counter()
-        batch = n_items if tiny else 1
+        batch = 1
         while len(probe) < n_items:
             done = len(probe)
             part = items[done : done + batch]

@@ -145,13 +145,14 @@ def test_repeated_runs_pay_off_a_cold_pool(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uses fork")
-def test_a_known_tiny_function_runs_in_one_batch(
+def test_a_known_tiny_function_runs_in_one_loop_without_probing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The first map of a cheap function probes item by item (three single
-    # items, then doubling batches: the clock is read after each); once its
-    # cost is known, a map projected under MIN_PARALLEL_WORK_S runs as one
-    # batch with two clock reads, in order, in the caller.
+    # items, then doubling batches: the planner reads the clock after each);
+    # once its cost is known, a map projected under MIN_PARALLEL_WORK_S runs
+    # as one loop in the caller, without the probe, in order, with its run
+    # recorded.
     import engine._planner
 
     reads: list[float] = []
@@ -171,11 +172,15 @@ def test_a_known_tiny_function_runs_in_one_batch(
         first_reads = len(reads)
         reads.clear()
         assert ex.map(counter, range(10, 20)) == [x * 2 for x in range(10, 20)]
+        assert list(ex.imap(counter, range(20, 25))) == [x * 2 for x in range(20, 25)]
         runs = ex.telemetry.runs
     assert first_reads >= 5
-    assert len(reads) == 3  # start, after the one batch, the cost per item
-    assert counter.calls == list(range(20))
-    assert [run.strategy for run in runs] == ["serial", "serial"]
+    assert reads == []  # no probe
+    assert counter.calls == list(range(25))
+    assert [run.strategy for run in runs] == ["serial"] * 3
+    assert [run.items for run in runs] == [10, 10, 5]
+    assert "known cost" in runs[1].reason
+    assert "known cost" in runs[2].reason
 
 
 def test_a_known_function_skips_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
