@@ -83,5 +83,9 @@ def test_ablate_quick_writes_report(tmp_path: Path) -> None:
     assert {"serial", "threads", "auto"} <= set(w6["median_s"])
     assert "W6/auto" in data["ratios"]
     assert "w6_auto_vs_loop" in data["targets"]
-    assert "round 3/3" in out.stderr  # progress is shown
+    assert "round 5/5" in out.stderr  # progress is shown (BENCH.md: 5 rounds)
+    assert "paired round 4/4" in out.stderr
+    rounds = w6["rounds_by_config"]
+    assert rounds["auto"] == rounds["serial"] == w6["rounds"] + 4  # paired rounds
+    assert rounds["loop"] == w6["rounds"] >= 5
     assert data["meta"]["versions"]["python"]
