@@ -525,9 +525,7 @@ class ParallelExecutor:
             f"{item_cost_s * len(items) * 1e3:.2f} ms of work (known cost) "
             f"< {MIN_PARALLEL_WORK_S * 1e3:.0f} ms: ran in the caller"
         )
-        recorder = self.telemetry.recorder(strategy="serial", reason=reason, workers=1)
-        recorder.add(items=len(results), chunks=1, compute_s=elapsed)
-        self.telemetry.add(recorder.finish("ok"))
+        self.telemetry.add_caller_run(reason, len(results), elapsed)
         yield results
 
     def _auto_known(

@@ -275,6 +275,43 @@ class Telemetry:
             )
         return recorder
 
+    def add_caller_run(self, reason: str, items: int, wall_s: float) -> RunSummary:
+        """Record a run done in one loop in the caller (auto's tiny maps).
+
+        The summary and events a ``recorder`` would give, without the
+        recorder: a map of a few milliseconds pays for every object made.
+        """
+        summary = RunSummary(
+            run_id=next(_run_ids),
+            strategy="serial",
+            reason=reason,
+            workers=1,
+            start_method=None,
+            chunks=1,
+            items=items,
+            wall_s=wall_s,
+            compute_s=wall_s,
+            queue_wait_s=0.0,
+            dispatch_overhead_s=0.0,
+            utilisation=1.0 if wall_s > 0 else 0.0,
+            bytes_pickled=0,
+            bytes_shared=0,
+            fallbacks=(),
+            failures=0,
+            cancellations=0,
+            worker_restarts=0,
+            nested=False,
+            thread_cap=None,
+            status="ok",
+        )
+        if self.wants_events():
+            run = {"run_id": summary.run_id}
+            started = {"strategy": "serial", "reason": reason, "workers": 1}
+            self.emit({"event": "run_started", **run, **started})
+            self.emit({"event": "run_finished", **run, "summary": summary.as_dict()})
+        self.add(summary)
+        return summary
+
     def add(self, summary: RunSummary) -> None:
         """Count a finished run; keep its summary among the last ``keep_runs``.
 

@@ -161,3 +161,36 @@ def test_totals_cover_every_run_but_only_the_latest_are_kept() -> None:
         "outside run 6",
         "outside run 7",
     ]
+
+
+@pytest.mark.parametrize("with_callback", [False, True])
+def test_caller_run_matches_a_recorded_one(with_callback: bool) -> None:
+    # auto's tiny maps skip the recorder; their summary (and events, when
+    # someone listens) must be what the recorder would have produced.
+    events: list[dict[str, object]] = []
+    telemetry = Telemetry(callback=events.append if with_callback else None)
+    summary = telemetry.add_caller_run("tiny", items=5, wall_s=0.004)
+    recorder = Telemetry().recorder(strategy="serial", reason="tiny", workers=1)
+    recorder.add(items=5, chunks=1, compute_s=0.004)
+    expected = recorder.finish("ok").as_dict()
+    got = summary.as_dict()
+    for name in ("run_id", "wall_s", "utilisation"):
+        got.pop(name)
+        expected.pop(name)
+    assert got == expected
+    assert summary.wall_s == pytest.approx(0.004, abs=0.002)
+    assert 0.0 < summary.utilisation <= 1.0
+    assert telemetry.runs == [summary]
+    assert telemetry.summary()["items"] == 5
+    kinds = [event["event"] for event in events]
+    assert kinds == (["run_started", "run_finished"] if with_callback else [])
+    if with_callback:
+        recorded: list[dict[str, object]] = []
+        sink = Telemetry(callback=recorded.append)
+        other = sink.recorder(strategy="serial", reason="tiny", workers=1)
+        other.add(items=5, chunks=1, compute_s=0.004)
+        other.finish("ok")
+        assert [set(event) for event in events] == [set(event) for event in recorded]
+        assert events[0] | {"run_id": 0} == recorded[0] | {"run_id": 0}
+        assert events[1]["run_id"] == summary.run_id
+        assert events[1]["summary"] == summary.as_dict()
