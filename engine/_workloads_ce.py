@@ -73,10 +73,11 @@ class CaseSpec:
 
 
 # Quick sizes: CE sequential took 20-25 ms an instance on W1, 50 ms on W2 and
-# 190 ms on W3 (ci/bench/ce.py, 2 busy cores), so the three CE configurations
-# of ``ablate --quick`` (warm-up + 3 rounds) take about 80 s for W1-W3. W3
-# keeps 10 rows: with fewer than 9, CE's default chunk of 8 is a single chunk
-# and ce-default would never start its pool.
+# 190 ms on W3 (ci/bench/ce.py, 2 busy cores). With 5 rounds and the paired
+# rounds, 20 rows on W1 and W2 made ``ablate --quick`` take 145-176 s of its
+# 3 minutes (the three CE configurations about 55 s of it); 12 rows keep it
+# well inside. W3 keeps 10 rows: with fewer than 9, CE's default chunk of 8
+# is a single chunk and ce-default would never start its pool.
 CASES: Final[dict[str, CaseSpec]] = {
     spec.id: spec
     for spec in (
@@ -84,14 +85,14 @@ CASES: Final[dict[str, CaseSpec]] = {
             id="W1",
             title="CE explain_factual, breast_cancer (30 features)",
             n_test=100,
-            n_test_quick=20,
+            n_test_quick=12,
             n_cal=150,
         ),
         CaseSpec(
             id="W2",
             title="CE explain_factual, make_classification (100 features)",
             n_test=100,
-            n_test_quick=20,
+            n_test_quick=12,
             n_cal=200,
             n_features=100,
             n_informative=20,

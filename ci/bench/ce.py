@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print the table, then the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="explain 20/20/10 instances, not all"
+        "--quick", action="store_true", help="explain 12/12/10 instances, not all"
     )
     parser.add_argument("--workloads", default="W1,W2,W3", help="e.g. W1,W3")
     parser.add_argument(
