@@ -35,6 +35,12 @@ __all__ = ["NO_ITEM", "STARTUP_S", "AutoPlanner", "Plan", "releases_gil"]
 # much time is spent; their results are kept (W6: 5 items of 1 ms stay serial).
 PROBE_MAX_ITEMS: Final = 3
 PROBE_BUDGET_S: Final = 0.05
+# ...but no projection is trusted from less measured work than this: three
+# trivial items take ~1 us, so one interrupt or cache miss (10 us) projected
+# W4's 10,000 items to 33 ms, over MIN_PARALLEL_WORK_S, and auto ran them as
+# chunks on the serial strategy at 1.10-1.13x its time (ablate --quick, W4,
+# 3 runs of 6) instead of one loop at 0.30-0.35x.
+PROBE_MIN_S: Final = 0.001
 # A function's probed cost per item is reused by this many later maps, then
 # probed again (its items may have changed).
 REPROBE_EVERY: Final = 8
@@ -119,7 +125,8 @@ class AutoPlanner:
             )
             elapsed = time.perf_counter() - started
             if len(probe) >= PROBE_MAX_ITEMS or elapsed >= PROBE_BUDGET_S:
-                if elapsed / len(probe) * n_items >= MIN_PARALLEL_WORK_S:
+                projected = elapsed / len(probe) * n_items
+                if elapsed >= PROBE_MIN_S and projected >= MIN_PARALLEL_WORK_S:
                     break
                 batch = len(probe)
         item_cost_s = (time.perf_counter() - started) / len(probe)

@@ -145,6 +145,37 @@ def test_repeated_runs_pay_off_a_cold_pool(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uses fork")
+def test_a_noisy_clock_on_trivial_items_does_not_send_them_to_a_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every clock read costs 5 us (an interrupt, a cache miss): three trivial
+    # items then "take" 10 us, which projects 10,000 items to 33 ms, over
+    # MIN_PARALLEL_WORK_S. auto must not trust so little measured work: it
+    # keeps probing in doubling batches and, with all 10,000 items run for
+    # ~70 us of clock, finishes them in the caller.
+    import engine._planner
+
+    now = [0.0]
+
+    class SlowClock:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        def perf_counter(self) -> float:
+            now[0] += 5e-6
+            return now[0]
+
+    monkeypatch.setattr(engine._planner, "time", SlowClock())
+    config = ParallelConfig(
+        strategy="auto", prefer=("threads", "serial"), min_batch_size=1
+    )
+    with ParallelExecutor(config) as ex:
+        assert ex.map(square, range(10_000)) == [x * x for x in range(10_000)]
+        (run,) = ex.telemetry.runs
+    assert run.strategy == "serial"
+    assert "ran in the caller" in run.reason
+
+
 def test_a_known_tiny_function_runs_in_one_loop_without_probing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
