@@ -451,7 +451,11 @@ class JoblibStrategy(Strategy):
                 future = submit_task(executor)
             except _LOST_ERRORS:
                 # The pool broke (a crash) or was killed since the last chunk.
-                self._discard(epoch, on_purpose=False)
+                # Count the replacement here when this is what discards it:
+                # _recover then finds the epoch gone and counts nothing (the
+                # race left a crashed run with 0 restarts in its telemetry).
+                if self._discard(epoch, on_purpose=False):
+                    ctx.recorder.add(worker_restarts=self.workers)
                 executor, epoch = self._current()
                 future = submit_task(executor)
             pending = _Pending(future, epoch, self._resubmitter(submit_task))
