@@ -57,6 +57,24 @@ def make_chunks(items: Iterable[Any], chunk_size: int) -> Iterator[Chunk]:
         start += len(block)
 
 
+def call_into(
+    results: list[Any],
+    fn: Callable[..., Any],
+    items: Iterable[Any],
+    extra_args: tuple[Any, ...],
+) -> None:
+    """Append ``fn(item, *extra_args)`` for each item, with no per-item checks.
+
+    auto's loops in the caller (its probe, its tiny maps). ``map()`` when
+    there are no extra arguments: W4's 10,000 trivial items ran 11 % slower
+    than the serial strategy through a generator.
+    """
+    if extra_args:
+        results.extend([fn(item, *extra_args) for item in items])
+    else:
+        results.extend(map(fn, items))
+
+
 def run_chunk(
     fn: Callable[..., Any],
     items: Sequence[Any],

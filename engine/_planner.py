@@ -25,11 +25,19 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple, final
 
 from engine import strategies
+from engine._chunks import call_into
 from engine._context import usable_cpu_count
 from engine.auto import MIN_PARALLEL_WORK_S, Estimate, choose_amortised
 from engine.config import ParallelConfig
 
-__all__ = ["NO_ITEM", "STARTUP_S", "AutoPlanner", "Plan", "releases_gil"]
+__all__ = [
+    "NO_ITEM",
+    "STARTUP_S",
+    "AutoPlanner",
+    "Plan",
+    "ran_in_caller",
+    "releases_gil",
+]
 
 # auto's serial probe: at most this many leading items, stopping once this
 # much time is spent; their results are kept (W6: 5 items of 1 ms stay serial).
@@ -84,6 +92,14 @@ def _pickled_size(item: Any) -> int | None:
         return None
 
 
+def ran_in_caller(work_s: float, source: str) -> str:
+    """auto's reason for a map it ran in the caller, with ``work_s`` of work."""
+    return (
+        f"{work_s * 1e3:.2f} ms of work{source} "
+        f"< {MIN_PARALLEL_WORK_S * 1e3:.0f} ms: ran in the caller"
+    )
+
+
 @final
 class AutoPlanner:
     """auto's measurements for one executor (thread-safe)."""
@@ -115,14 +131,7 @@ class AutoPlanner:
         batch = 1
         while len(probe) < n_items:
             done = len(probe)
-            part = items[done : done + batch]
-            # map() without extra arguments: W4's 10,000 trivial items ran
-            # 11 % slower than the serial strategy through a generator.
-            probe.extend(
-                map(fn, part)
-                if not local_args
-                else [fn(item, *local_args) for item in part]
-            )
+            call_into(probe, fn, items[done : done + batch], local_args)
             elapsed = time.perf_counter() - started
             if len(probe) >= PROBE_MAX_ITEMS or elapsed >= PROBE_BUDGET_S:
                 projected = elapsed / len(probe) * n_items

@@ -24,13 +24,15 @@ from typing import TYPE_CHECKING, Any, final
 
 from engine import _env, _planner, strategies
 from engine._attach import readonly_view
-from engine._chunks import AdaptiveChunks, Chunk, default_chunk_size, make_chunks
-from engine._context import usable_cpu_count
-from engine._planner import (
-    NO_ITEM,
-    AutoPlanner,
-    Plan,
+from engine._chunks import (
+    AdaptiveChunks,
+    Chunk,
+    call_into,
+    default_chunk_size,
+    make_chunks,
 )
+from engine._context import usable_cpu_count
+from engine._planner import NO_ITEM, AutoPlanner, Plan, ran_in_caller
 from engine._state import ExecutorState, Lifecycle, is_nested
 from engine.auto import MIN_PARALLEL_WORK_S, TARGET_CHUNK_S
 from engine.config import ParallelConfig
@@ -350,8 +352,9 @@ class ParallelExecutor:
         plan = self._plan(n_items)
         if plan.strategy == "auto":
             known = self._planner.known_cost(fn, n_items, items)
-            # Tiny maps keep the probe path: it runs them in the caller in one
-            # loop, cheaper than the serial strategy's chunks (W4, W7).
+            # A known cost skips the probe: big maps go to the chosen
+            # strategy, tiny ones run in the caller in one loop, cheaper than
+            # the serial strategy's chunks (W4, W6, W7).
             if known is not None and known * n_items >= MIN_PARALLEL_WORK_S:
                 return self._auto_known(fn, items, extra_args, chunk_size, known)
             if known is not None:
@@ -476,10 +479,7 @@ class ParallelExecutor:
             probe, item_cost_s = self._planner.probe(fn, items, local_args, n_items)
         remaining = n_items - len(probe) if n_items is not None else None
         if remaining == 0:
-            reason = (
-                f"{item_cost_s * len(probe) * 1e3:.2f} ms of work "
-                f"< {MIN_PARALLEL_WORK_S * 1e3:.0f} ms: ran in the caller"
-            )
+            reason = ran_in_caller(item_cost_s * len(probe), "")
             plan = Plan("serial", 1, None, reason, False)
         else:
             plan = self._choose(fn, remaining, item_cost_s, first)
@@ -514,17 +514,11 @@ class ParallelExecutor:
         loop; W7 (20 maps of 10 items) paid 5 probe steps a map.
         """
         local_args = self._args_for(self._strategy("serial", 1), extra_args)
+        results: list[Any] = []
         started = time.perf_counter()
-        results = (
-            list(map(fn, items))
-            if not local_args
-            else [fn(item, *local_args) for item in items]
-        )
+        call_into(results, fn, items, local_args)
         elapsed = time.perf_counter() - started
-        reason = (
-            f"{item_cost_s * len(items) * 1e3:.2f} ms of work (known cost) "
-            f"< {MIN_PARALLEL_WORK_S * 1e3:.0f} ms: ran in the caller"
-        )
+        reason = ran_in_caller(item_cost_s * len(items), " (known cost)")
         self.telemetry.add_caller_run(reason, len(results), elapsed)
         yield results
 
