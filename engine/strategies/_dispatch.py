@@ -39,7 +39,6 @@ import contextlib
 import itertools
 import logging
 import selectors
-import signal
 import socket
 import threading
 import time
@@ -73,6 +72,7 @@ from engine.strategies._runs import (
     Run,
     RunState,
 )
+from engine.strategies.base import DeferInterrupt
 from engine.supervisor import (
     Channel,
     Endpoint,
@@ -91,38 +91,6 @@ IDLE_TICK_S: Final = 0.5
 # background thread waits this long before it takes over: a list() consumer
 # is back within microseconds, and taking over would cost a hand-over.
 LEADER_GRACE_S: Final = 0.005
-
-
-class _DeferInterrupt:
-    """While the main thread runs the step, Ctrl-C waits until it is over.
-
-    A KeyboardInterrupt between two lines of bookkeeping would leave it
-    half-updated (a chunk popped, never settled; a frame half-written). The
-    swap is made only for Python's default handler, in the main thread;
-    the waiting in ``select`` is capped, so the interrupt still surfaces
-    within SHORT_TICK_S (FAULTS.md #8: under 1 s).
-    """
-
-    def __init__(self) -> None:
-        self.caught = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _DeferInterrupt:
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        ):
-            self._previous = signal.signal(signal.SIGINT, self._note)
-        return self
-
-    def _note(self, signum: int, frame: object) -> None:
-        self.caught = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        if self.caught and exc_info[0] is None:
-            raise KeyboardInterrupt
 
 
 class Dispatcher(Connections):
@@ -297,7 +265,7 @@ class Dispatcher(Connections):
         if len(self._active) != 1 or self._done or not self._io.acquire(blocking=False):
             return
         try:
-            with _DeferInterrupt():
+            with DeferInterrupt():
                 try:
                     self._step(0.0)
                 except BaseException as exc:
@@ -312,7 +280,7 @@ class Dispatcher(Connections):
         self, run: Run, index: int, timeout_s: float
     ) -> list[tuple[int, Outcome]]:
         deadline = time.monotonic() + timeout_s
-        with _DeferInterrupt() as interrupt:
+        with DeferInterrupt() as interrupt:
             try:
                 while True:
                     self._step(min(SHORT_TICK_S, max(0.0, deadline - time.monotonic())))

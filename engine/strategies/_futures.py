@@ -35,7 +35,13 @@ from engine._chunks import Chunk, run_chunk
 from engine._wire import encode_results, is_plain, pack_error
 from engine.errors import FallbackWarning, WorkerCrashedError
 from engine.strategies._encoding import decode_outcome, dumps_naming, item_parts
-from engine.strategies.base import FutureLike, RunContext, Strategy, run_windowed
+from engine.strategies.base import (
+    DeferInterrupt,
+    FutureLike,
+    RunContext,
+    Strategy,
+    run_windowed,
+)
 
 # A run's unpickled ``(fn, extra_args)``.
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
@@ -191,14 +197,18 @@ def stream_chunks(
         for chunk, outcome in windowed:
             if isinstance(outcome, Lost):
                 ctx.check()  # a shutdown or cancel, not a crash, may have ended it
-                yield chunk, recover(chunk, outcome)
+                with DeferInterrupt():  # recover replaces the pool
+                    results = recover(chunk, outcome)
+                yield chunk, results
                 continue
             yield chunk, decode_outcome(chunk, outcome, ctx)
     except BaseException as exc:
         # Closing the window first cancels the run and its queued chunks
         # (it is still open when our consumer closed us: GeneratorExit).
-        windowed.close()
-        stop_in_flight(submitted, exc)
+        # A second Ctrl-C waits until the pool is stopped (DeferInterrupt).
+        with DeferInterrupt():
+            windowed.close()
+            stop_in_flight(submitted, exc)
         raise
 
 

@@ -344,8 +344,11 @@ class JoblibStrategy(Strategy):
         with self._lock:
             return self._executor_locked()
 
-    def _discard(self, epoch: int, *, on_purpose: bool) -> bool:
-        """Kill the pool of ``epoch`` if it is still current; True if it was."""
+    def _discard(self, epoch: int, *, on_purpose: bool, restart: bool = True) -> bool:
+        """Kill the pool of ``epoch`` if it is still current; True if it was.
+
+        ``restart``: start the replacement now; otherwise the next chunk does.
+        """
         with self._lock:
             if self._executor is None or epoch != self._epoch:
                 return False
@@ -357,8 +360,9 @@ class JoblibStrategy(Strategy):
         executor.shutdown(wait=True, kill_workers=True)
         # Start the replacements now, so their start-up overlaps the caller
         # handling the error instead of delaying the next map.
-        with contextlib.suppress(ShutdownExecutorError):
-            self.start()
+        if restart:
+            with contextlib.suppress(ShutdownExecutorError):
+                self.start()
         return True
 
     def _resubmitter(
@@ -513,13 +517,13 @@ class JoblibStrategy(Strategy):
             board = self._board
         if board is not None:
             board.mark(generation)  # workers stop at their next item
-        # Ctrl-C must propagate within 1 s (FAULTS.md #8): no grace period.
-        grace_s = (
-            ctx.cancel_grace_s if isinstance(exc, Exception | GeneratorExit) else 0.0
-        )
+        # Ctrl-C must propagate within 1 s (FAULTS.md #8): no grace period,
+        # and no fresh pool started for a caller that is most likely quitting.
+        interrupted = not isinstance(exc, Exception | GeneratorExit)
+        grace_s = 0.0 if interrupted else ctx.cancel_grace_s
         futures = [pending.future for pending in running]
         _, stuck = concurrent.futures.wait(futures, timeout=grace_s)
         if stuck:
             for epoch in {pending.epoch for pending in running if not pending.done()}:
-                if self._discard(epoch, on_purpose=True):
+                if self._discard(epoch, on_purpose=True, restart=not interrupted):
                     ctx.recorder.add(worker_restarts=self.workers)

@@ -9,8 +9,10 @@ resolved; the others resolve them in their workers.
 
 from __future__ import annotations
 
+import _signal  # signal's C core: signal.signal's enum wrapping costs ~10 us a call
 import abc
 import collections
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 # How often a waiting caller wakes to check for cancel and timeout. Cancel
 # must surface within 1 s (FAULTS.md #9); 50 ms keeps the wake-ups cheap.
 POLL_INTERVAL_S = 0.05
+_SIGINT = int(signal.SIGINT)
 
 
 class RunContext:
@@ -144,6 +147,47 @@ class Strategy(abc.ABC):
         """Release the workers (idempotent)."""
 
 
+class DeferInterrupt:
+    """While the main thread runs a step, Ctrl-C waits until it is over.
+
+    A KeyboardInterrupt between two lines of bookkeeping would leave it
+    half-updated: a chunk popped, never settled; a frame half-written; a
+    lock inside a pool library held forever, after which shutting that pool
+    down hangs. Inside the block SIGINT only sets ``caught``; the step's
+    waits are capped (``POLL_INTERVAL_S``, the dispatcher's tick) and check
+    it, so the interrupt still surfaces within well under a second (FAULTS.md
+    #8), raised at a point where nothing is half-done, or on leaving the
+    block. The swap is made only for Python's default handler, in the main
+    thread; a block is never held across a ``yield`` to the caller's code.
+    """
+
+    def __init__(self) -> None:
+        self.caught = False
+        self._previous: Any = None
+
+    def __enter__(self) -> DeferInterrupt:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and _signal.getsignal(_SIGINT) is signal.default_int_handler
+        ):
+            self._previous = _signal.signal(_SIGINT, self._note)
+        return self
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.caught = True
+
+    def check(self) -> None:
+        """Raise the deferred KeyboardInterrupt now, at a safe point."""
+        if self.caught:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            _signal.signal(_SIGINT, self._previous)
+        if self.caught and exc_info[0] is None:
+            raise KeyboardInterrupt
+
+
 class FutureLike(Protocol):
     """What ``run_windowed`` needs of a future."""
 
@@ -176,25 +220,30 @@ def run_windowed(
         while True:
             while not exhausted and len(window) < max_in_flight:
                 ctx.check()
-                chunk = next(source, None)
+                chunk = next(source, None)  # the caller's items: interruptible
                 if chunk is None:
                     exhausted = True
                     break
-                window.append((chunk, submit(chunk)))
+                # Ctrl-C never lands inside a pool's submit (a lock held
+                # forever there hangs the pool's shutdown).
+                with DeferInterrupt():
+                    window.append((chunk, submit(chunk)))
             if not window:
                 return
             chunk, future = window[0]
-            while True:
-                ctx.check()
-                try:
-                    outcome = future.result(timeout=POLL_INTERVAL_S)
-                except timeout_errors:
-                    if not future.done():
-                        continue
-                    # Finished meanwhile, or fn itself raised TimeoutError.
-                    outcome = future.result(timeout=0)
-                break
-            window.popleft()
+            with DeferInterrupt() as interrupt:
+                while True:
+                    ctx.check()
+                    interrupt.check()
+                    try:
+                        outcome = future.result(timeout=POLL_INTERVAL_S)
+                    except timeout_errors:
+                        if not future.done():
+                            continue
+                        # Finished meanwhile, or fn itself raised TimeoutError.
+                        outcome = future.result(timeout=0)
+                    break
+                window.popleft()
             yield chunk, outcome
     finally:
         if window:
