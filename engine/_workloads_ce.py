@@ -42,6 +42,17 @@ from engine._workloads import STRATEGY_CONFIGS, Workload, ce_installed, config_a
 CE_CONFIGS: Final = ("ce-sequential", "ce-default", "ce-tuned")
 OUR_CONFIGS: Final = ("serial", "threads", "processes-fork", "processes-spawn", "auto")
 CE_CONFIG_NAMES: Final = CE_CONFIGS + OUR_CONFIGS
+# ablate --quick must finish in 3 minutes on 2 cores, and each of W1-W3's
+# pools cost 3.6-4.6 s to warm up (its workers import scikit-learn and load
+# the kernels), a fifth of the budget for the three. A warm spawn pool runs
+# the very code a warm fork pool runs (ablate runs 7-14: spawn's W1-W3
+# medians at 0.78-1.21x of fork's, noise both ways, median 0.99x);
+# processes-spawn is measured by the full
+# ablation, W4-W7 and ci/bench/ce.py.
+QUICK_SKIPS: Final = {
+    "processes-spawn": "--quick: a warm spawn pool runs what processes-fork runs; "
+    "run without --quick to measure it",
+}
 BASELINE: Final = "ce-sequential"
 CE_INSTANCE_PARALLEL: Final = "core.explanation.factual.instance_parallel"
 CE_WORKERS: Final = 2
@@ -302,6 +313,12 @@ class CEWorkload(Workload):
     def unavailable_reason(self, name: str) -> str | None:
         """Return why configuration ``name`` cannot run here, or ``None``."""
         return unavailable_reason(name)
+
+    def skip_reason(self, name: str, *, quick: bool) -> str | None:
+        """``--quick`` leaves out processes-spawn on W1-W3 (QUICK_SKIPS)."""
+        if quick and name in QUICK_SKIPS:
+            return QUICK_SKIPS[name]
+        return self.unavailable_reason(name)
 
     def explainer(self, name: str) -> Any:
         """Return the (cached, warm) explainer of configuration ``name``."""

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from engine._ablate import DUEL_MAX_ROUNDS, DUEL_MIN_ROUNDS, duel_configs
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -84,8 +86,17 @@ def test_ablate_quick_writes_report(tmp_path: Path) -> None:
     assert "W6/auto" in data["ratios"]
     assert "w6_auto_vs_loop" in data["targets"]
     assert "round 5/5" in out.stderr  # progress is shown (BENCH.md: 5 rounds)
-    assert "paired round 4/4" in out.stderr
+    assert "W6: duel auto vs " in out.stderr
     rounds = w6["rounds_by_config"]
-    assert rounds["auto"] == rounds["serial"] == w6["rounds"] + 4  # paired rounds
-    assert rounds["loop"] == w6["rounds"] >= 5
+    assert rounds["auto"] == rounds["serial"] == rounds["loop"] == w6["rounds"] >= 5
+    # The duel: auto against the fixed strategies near the best, alternated.
+    duel = w6["duel_samples_s"]
+    assert duel.keys() == set(duel_configs(w6["samples_s"]))
+    assert "auto" in duel
+    assert len(duel) >= 2
+    assert "loop" not in duel
+    assert "ce-default" not in duel
+    lengths = {len(values) for values in duel.values()}
+    assert len(lengths) == 1
+    assert DUEL_MIN_ROUNDS <= lengths.pop() <= DUEL_MAX_ROUNDS
     assert data["meta"]["versions"]["python"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from engine._ablate import paired_ratio, targets
+from engine._ablate import DUEL_WITHIN, duel_configs, paired_ratio, targets
 
 
 def _workload(samples: dict[str, list[float]]) -> dict[str, object]:
@@ -55,3 +55,51 @@ def test_a_consistently_slower_auto_fails_the_target() -> None:
 def test_reports_without_samples_fall_back_to_the_ratio_of_medians() -> None:
     results = {"W9": {"median_s": {"serial": 2.0, "auto": 2.4}}}
     assert math.isclose(targets(results)["auto_vs_best_fixed"]["W9"], 1.2)
+
+
+def test_the_duel_decides_when_it_ran() -> None:
+    # In the rounds, serial's lucky median made auto look 20 % slower; the
+    # duel (fresh rounds, auto against the strategies near the best) shows
+    # auto as fast as the best of them.
+    results = {
+        "W9": {
+            **_workload(
+                {
+                    "serial": [1.0, 1.0, 1.0, 1.3, 1.3],
+                    "threads": [1.1, 1.1, 1.1, 1.1, 1.1],
+                    "auto": [1.2, 1.2, 1.2, 1.2, 1.2],
+                }
+            ),
+            "duel_samples_s": {
+                "auto": [1.0, 1.1, 1.0, 1.2],
+                "serial": [1.1, 1.1, 1.1, 1.1],
+                "threads": [1.0, 1.1, 1.0, 1.2],
+            },
+        }
+    }
+    out = targets(results)
+    assert math.isclose(out["auto_vs_best_fixed"]["W9"], 1.0)
+
+
+def test_a_slower_auto_fails_the_duel_too() -> None:
+    results = {
+        "W9": {
+            **_workload({"serial": [1.0] * 5, "auto": [1.0] * 5}),
+            "duel_samples_s": {"auto": [1.3, 1.2, 1.25], "serial": [1.0, 1.0, 1.0]},
+        }
+    }
+    out = targets(results)
+    assert math.isclose(out["auto_vs_best_fixed"]["W9"], 1.25)
+    assert out["auto_vs_best_fixed_ok"] is False
+
+
+def test_duel_takes_auto_and_the_fixed_strategies_near_the_best() -> None:
+    samples = {
+        "serial": [1.0, 1.0, 1.0],
+        "threads": [DUEL_WITHIN * 0.99] * 3,
+        "processes-fork": [DUEL_WITHIN * 1.01] * 3,
+        "auto": [5.0, 5.0, 5.0],
+        "ce-default": [0.5, 0.5, 0.5],  # a baseline, never a contender
+    }
+    assert duel_configs(samples) == ["auto", "serial", "threads"]
+    assert duel_configs({"serial": [1.0]}) == []  # no auto: no duel
