@@ -46,9 +46,8 @@ CE_CONFIG_NAMES: Final = CE_CONFIGS + OUR_CONFIGS
 # pools cost 3.6-4.6 s to warm up (its workers import scikit-learn and load
 # the kernels), a fifth of the budget for the three. A warm spawn pool runs
 # the very code a warm fork pool runs (ablate runs 7-14: spawn's W1-W3
-# medians at 0.78-1.21x of fork's, noise both ways, median 0.99x);
-# processes-spawn is measured by the full
-# ablation, W4-W7 and ci/bench/ce.py.
+# medians at 0.78-1.21x of fork's, noise both ways, median 0.99x). The full
+# ablation, W4-W7 and ci/bench/ce.py still measure processes-spawn.
 QUICK_SKIPS: Final = {
     "processes-spawn": "--quick: a warm spawn pool runs what processes-fork runs; "
     "run without --quick to measure it",
