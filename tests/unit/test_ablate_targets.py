@@ -103,3 +103,23 @@ def test_duel_takes_auto_and_the_fixed_strategies_near_the_best() -> None:
     }
     assert duel_configs(samples) == ["auto", "serial", "threads"]
     assert duel_configs({"serial": [1.0]}) == []  # no auto: no duel
+
+
+def test_quick_leaves_processes_spawn_out_of_the_ce_workloads_only() -> None:
+    from engine._workloads import generic_workloads
+    from engine._workloads_ce import QUICK_SKIPS, ce_workloads
+
+    w1 = next(w for w in ce_workloads() if w.id == "W1")
+    w4 = next(w for w in generic_workloads() if w.id == "W4")
+    assert (
+        w1.skip_reason("processes-spawn", quick=True) == QUICK_SKIPS["processes-spawn"]
+    )
+    assert w1.skip_reason("processes-spawn", quick=False) == w1.unavailable_reason(
+        "processes-spawn"
+    )
+    assert w1.skip_reason("processes-fork", quick=True) == w1.unavailable_reason(
+        "processes-fork"
+    )
+    assert w4.skip_reason("processes-spawn", quick=True) == w4.unavailable_reason(
+        "processes-spawn"
+    )
