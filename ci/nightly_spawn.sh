@@ -29,5 +29,6 @@ echo "== the behavioural suite on processes (fork and spawn)"
 echo "== benchmarks (report only: shared machines are noisy)"
 "$PYTHON" ci/bench/dispatch.py --rounds 5 || echo "W4 benchmark could not run"
 "$PYTHON" ci/bench/warm.py || echo "W7 benchmark could not run"
+"$PYTHON" ci/bench/quiet.py || echo "quiet-after-map benchmark could not run"
 
 exit "$status"

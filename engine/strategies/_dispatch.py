@@ -197,12 +197,19 @@ class Dispatcher(Connections):
     def stop_run(self, run: Run, reason: str) -> None:
         if run.stop(reason):
             self._request("stop", run)
+            # The map thread settles its own stop (cancels, releases) when it
+            # may drive: the background thread then has nothing to take over
+            # for, and does not wake into the caller's next work (see
+            # _park_while_led). A failing step has marked the pool broken;
+            # the run's own outcome, or error, stands.
+            with contextlib.suppress(BrokenExecutorError):
+                self._poll_step()
 
     def register_segments(self, names: list[str]) -> None:
-        self._request("segments", names)
+        self._request("segments", names, nudge=True)
 
     def cancel_all(self, reason: str) -> None:
-        self._request("cancel_all", reason)
+        self._request("cancel_all", reason, nudge=True)
 
     def wake(self) -> None:
         """Make the step look at requests and outboxes now."""
@@ -215,9 +222,14 @@ class Dispatcher(Connections):
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
-    def _request(self, action: str, argument: Any) -> None:
+    def _request(self, action: str, argument: Any, *, nudge: bool = False) -> None:
+        """Queue a request for the step; ``nudge``: also unpark the background
+        thread (requests that may come while no map drives the pool)."""
         self._requests.append((action, argument))
         self.wake()
+        if nudge:
+            with self._turn:
+                self._turn.notify_all()
 
     def failure(self) -> tuple[type[BrokenExecutorError], str] | None:
         """Return why the pool cannot run maps, or None if it can."""
@@ -258,11 +270,27 @@ class Dispatcher(Connections):
             with self._turn:
                 self._leading -= 1
                 self._last_lead = time.monotonic()
-                self._turn.notify_all()
+                if run.in_flight or run.head_count():
+                    # Work is out (a slow consumer): the background thread
+                    # takes over after LEADER_GRACE_S. With none, it stays
+                    # parked: waking it costs the caller's next work a GIL
+                    # hand-over 5 ms later (0.1 ms lost, ci/bench: W6).
+                    self._turn.notify_all()
+
+    def push(self) -> None:
+        """Send what is queued now, from this thread if no other drives.
+
+        A map that starts eagerly (``STARTS_EAGERLY``) calls this after
+        queueing its first chunks: between maps no thread may be in the step
+        (the background thread stays parked for IDLE_TICK_S after a map), so
+        waking one is not enough.
+        """
+        self.wake()
+        self._poll_step()
 
     def _poll_step(self) -> None:
         """Run one step without waiting, if this thread may drive now."""
-        if len(self._active) != 1 or self._done or not self._io.acquire(blocking=False):
+        if len(self._active) > 1 or self._done or not self._io.acquire(blocking=False):
             return
         try:
             with DeferInterrupt():
@@ -342,12 +370,16 @@ class Dispatcher(Connections):
         # The background thread must not take the step while a map thread
         # drives it, nor right after (LEADER_GRACE_S): the map thread is
         # usually back within microseconds, and a hand-over costs a wake-up.
+        # With no run open, nothing needs driving soon: it takes over only
+        # after IDLE_TICK_S (a dead idle worker is noticed then, or by the
+        # next map's own step).
         with self._turn:
             while not self._done:
                 if self._leading:
                     self._turn.wait(IDLE_TICK_S)
                     continue
-                gap = LEADER_GRACE_S - (time.monotonic() - self._last_lead)
+                grace = LEADER_GRACE_S if self._runs else IDLE_TICK_S
+                gap = grace - (time.monotonic() - self._last_lead)
                 if gap <= 0 or self._requests:
                     return
                 self._turn.wait(gap)

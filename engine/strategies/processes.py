@@ -407,8 +407,9 @@ class ProcessesStrategy(Strategy):
                     )
                 if not pending:
                     return
-                if not started:  # STARTS_EAGERLY: the first chunks are out
+                if not started:  # STARTS_EAGERLY: the first chunks go out now
                     started = True
+                    dispatcher.push()
                     yield None, []
                 # Errors surface as soon as they arrive (the map's other chunks
                 # are then cancelled by stop_run below); results wait their turn.
