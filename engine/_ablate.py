@@ -52,6 +52,11 @@ MAX_ROUNDS = 25
 # the very same pool. Chosen on the rounds, judged on fresh duel rounds.
 DUEL_WITHIN = 1.2
 DUEL_BUDGET_S = 6.0
+# Without --quick there is room for longer duels: on W1-W3 a 6 s duel is 9-20
+# rounds, and the median per-round ratio of two configurations whose samples
+# spread over 140-600 ms moved past 1.1 with no fault behind it (quick runs
+# 20 and 24).
+DUEL_BUDGET_FULL_S = 20.0
 DUEL_MIN_ROUNDS = 6
 DUEL_MAX_ROUNDS = 100  # millisecond workloads: W6 pools spread 4.1-7.0 ms
 
@@ -117,13 +122,14 @@ def measure(
             round_index += 1
         duel = duel_configs(samples)
         duel_samples.update((name, []) for name in duel)
+        budget_s = DUEL_BUDGET_S if quick else DUEL_BUDGET_FULL_S
         if duel:
             progress(
                 f"{workload.id}: duel {' vs '.join(duel)} ({DUEL_MIN_ROUNDS}-"
-                f"{DUEL_MAX_ROUNDS} rounds, {DUEL_BUDGET_S:.0f} s)"
+                f"{DUEL_MAX_ROUNDS} rounds, {budget_s:.0f} s)"
             )
         for extra in range(DUEL_MAX_ROUNDS if duel else 0):
-            if extra >= DUEL_MIN_ROUNDS and duel_spent >= DUEL_BUDGET_S:
+            if extra >= DUEL_MIN_ROUNDS and duel_spent >= budget_s:
                 break
             shift = extra % len(duel)
             for name in duel[shift:] + duel[:shift]:
