@@ -274,7 +274,7 @@ class Dispatcher(Connections):
                     # Work is out (a slow consumer): the background thread
                     # takes over after LEADER_GRACE_S. With none, it stays
                     # parked: waking it costs the caller's next work a GIL
-                    # hand-over 5 ms later (0.1 ms lost, ci/bench: W6).
+                    # hand-over 5 ms later (ci/bench/quiet.py).
                     self._turn.notify_all()
 
     def push(self) -> None:
