@@ -82,6 +82,27 @@ def _time(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - started
 
 
+def _run_round(
+    workload: Workload,
+    names: list[str],
+    index: int,
+    samples: dict[str, list[float]],
+    progress: Callable[[str], None] | None = None,
+    label: str = "",
+) -> float:
+    """Run each of ``names`` once, in an order rotated by ``index``; add the
+    times to ``samples``; return the seconds spent."""
+    shift = index % len(names)
+    spent = 0.0
+    for name in names[shift:] + names[:shift]:
+        if progress is not None:
+            progress(f"{label} {name}")
+        took = _time(lambda name=name: workload.run(name))
+        samples[name].append(took)
+        spent += took
+    return spent
+
+
 def measure(
     workload: Workload,
     *,
@@ -112,13 +133,15 @@ def measure(
         while round_index < rounds or (
             round_index < MAX_ROUNDS and spent < ROUND_BUDGET_S
         ):
-            shift = round_index % len(configs)
-            for name in configs[shift:] + configs[:shift]:
-                if round_index < rounds:
-                    progress(f"{workload.id}: round {round_index + 1}/{rounds} {name}")
-                took = _time(lambda name=name: workload.run(name))
-                samples[name].append(took)
-                spent += took
+            label = f"{workload.id}: round {round_index + 1}/{rounds}"
+            spent += _run_round(
+                workload,
+                configs,
+                round_index,
+                samples,
+                progress if round_index < rounds else None,
+                label,
+            )
             round_index += 1
         duel = duel_configs(samples)
         duel_samples.update((name, []) for name in duel)
@@ -131,11 +154,7 @@ def measure(
         for extra in range(DUEL_MAX_ROUNDS if duel else 0):
             if extra >= DUEL_MIN_ROUNDS and duel_spent >= budget_s:
                 break
-            shift = extra % len(duel)
-            for name in duel[shift:] + duel[:shift]:
-                took = _time(lambda name=name: workload.run(name))
-                duel_samples[name].append(took)
-                duel_spent += took
+            duel_spent += _run_round(workload, duel, extra, duel_samples)
     finally:
         workload.close()
     medians = {name: statistics.median(values) for name, values in samples.items()}
