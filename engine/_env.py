@@ -205,8 +205,23 @@ def read_ce_parallel() -> EnvSettings:
 
 
 def is_forced_off() -> bool:
-    """Return True when ``CE_PARALLEL`` says off (plain serial, always)."""
-    return read_ce_parallel().enabled is False
+    """Return True when ``CE_PARALLEL`` says off (plain serial, always).
+
+    Read on every map, so setting the variable takes effect at once; the
+    answer for each value seen is kept (a bad value raises every time).
+    """
+    raw = os.environ.get(ENV_VAR)
+    off = _FORCED_OFF.get(raw)
+    if off is None:
+        off = parse_ce_parallel(raw).enabled is False
+        if len(_FORCED_OFF) < _FORCED_OFF_KEEP:
+            _FORCED_OFF[raw] = off
+    return off
+
+
+# is_forced_off's answers by raw value (a process sees a handful of values).
+_FORCED_OFF: dict[str | None, bool] = {}
+_FORCED_OFF_KEEP = 64
 
 
 def get(name: str, default: str | None = None) -> str | None:

@@ -27,6 +27,7 @@ from _tasks import (
 
 from engine import (
     CancelledError,
+    ConfigError,
     ExecutorStateError,
     ParallelConfig,
     ParallelExecutor,
@@ -178,6 +179,27 @@ def test_off_forces_serial(
         run = ex.telemetry.summary()["runs"][-1]
     assert run["strategy"] == "serial"
     assert run["reason"] == "CE_PARALLEL=off"
+
+
+def test_off_takes_effect_at_the_next_map(
+    monkeypatch: pytest.MonkeyPatch, strategy_fields: dict[str, Any]
+) -> None:
+    # CE_PARALLEL is read on every map (its answer is cached per value): a
+    # warm executor obeys a change at once, in both directions.
+    monkeypatch.delenv("CE_PARALLEL", raising=False)
+    with _executor(strategy_fields) as ex:
+        for value in (None, "off", None, "off"):
+            if value is None:
+                monkeypatch.delenv("CE_PARALLEL", raising=False)
+            else:
+                monkeypatch.setenv("CE_PARALLEL", value)
+            assert ex.map(square, range(20)) == [square(i) for i in range(20)]
+            reason = ex.telemetry.summary()["runs"][-1]["reason"]
+            assert (reason == "CE_PARALLEL=off") == (value == "off")
+        monkeypatch.setenv("CE_PARALLEL", "of")
+        for _ in range(2):
+            with pytest.raises(ConfigError, match="of"):
+                ex.map(square, range(3))
 
 
 def test_map_after_exit_is_refused(strategy_fields: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -170,6 +171,8 @@ def test_caller_run_matches_a_recorded_one(with_callback: bool) -> None:
     events: list[dict[str, object]] = []
     telemetry = Telemetry(callback=events.append if with_callback else None)
     summary = telemetry.add_caller_run("tiny", items=5, wall_s=0.004)
+    # Built without __init__: the same attributes __init__ would set.
+    assert vars(summary) == vars(dataclasses.replace(summary))
     recorder = Telemetry().recorder(strategy="serial", reason="tiny", workers=1)
     recorder.add(items=5, chunks=1, compute_s=0.004)
     expected = recorder.finish("ok").as_dict()
