@@ -30,6 +30,8 @@ from engine._workloads import (
     Workload,
     ce_installed,
     generic_workloads,
+    last_run_id,
+    strategies_ran,
     warm_up,
 )
 
@@ -126,10 +128,12 @@ def measure(
     spent = 0.0
     duel_samples: dict[str, list[float]] = {}
     duel_spent = 0.0
+    auto_ran: dict[str, int] = {}
     try:
         for name in configs:
             progress(f"{workload.id}: warm-up {name}")
             warm_up(name, lambda name=name: workload.run(name))
+        auto_since = last_run_id(workload.executor("auto"))
         while round_index < rounds or (
             round_index < MAX_ROUNDS and spent < ROUND_BUDGET_S
         ):
@@ -155,6 +159,7 @@ def measure(
             if extra >= DUEL_MIN_ROUNDS and duel_spent >= budget_s:
                 break
             duel_spent += _run_round(workload, duel, extra, duel_samples)
+        auto_ran = strategies_ran(workload.executor("auto"), auto_since)
     finally:
         workload.close()
     medians = {name: statistics.median(values) for name, values in samples.items()}
@@ -171,6 +176,7 @@ def measure(
         "ratio_to_baseline": ratios,
         "samples_s": samples,
         "duel_samples_s": duel_samples,
+        "auto_ran": auto_ran,
         "skipped": skipped,
     }
 
@@ -265,6 +271,10 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             lines.append(f"  {name:<16} {seconds * 1e3:10.2f} ms   x{ratio:6.3f}")
         for name, reason in data["skipped"].items():
             lines.append(f"  {name:<16} skipped: {reason}")
+        ran = data.get("auto_ran")
+        if ran:
+            maps = ", ".join(f"{key} x{count}" for key, count in sorted(ran.items()))
+            lines.append(f"  auto's maps ran as: {maps}")
     return "\n".join(lines)
 
 

@@ -50,8 +50,15 @@ PROBE_BUDGET_S: Final = 0.05
 # chunks on the serial strategy at 1.10-1.13x its time (ablate --quick, W4,
 # 3 runs of 6) instead of one loop at 0.30-0.35x.
 PROBE_MIN_S: Final = 0.001
-# A function's probed cost per item is reused by this many later maps, then
-# probed again (its items may have changed).
+# The probe never takes more than this share of a map it can stop on (its
+# projection trusted and over MIN_PARALLEL_WORK_S): W1-W2's maps are 3 items
+# of 17-40 ms, and the probe's 3 items were the whole map, run in the caller
+# at 1.2-1.5x a warm pool's time (engine ablate W1, W2, one map in nine).
+PROBE_SHARE: Final = 1 / 3
+# A function's cost per item is reused by this many later maps, then probed
+# again (its items may have changed). Every auto map that finishes with at
+# least PROBE_MIN_S of measured work refreshes the cost, from the workers'
+# own clocks when a pool ran it, so a warm pool is not re-probed serially.
 REPROBE_EVERY: Final = 8
 
 # Pool start-up seconds measured in this process, per strategy and configured
@@ -93,6 +100,10 @@ def _pickled_size(item: Any) -> int | None:
         return None
 
 
+# How the reason of every map auto ran in one loop in the caller ends.
+RAN_IN_CALLER: Final = "ran in the caller"
+
+
 @functools.lru_cache(maxsize=256)
 def ran_in_caller(work_s: float, source: str) -> str:
     """auto's reason for a map it ran in the caller, with ``work_s`` of work.
@@ -102,7 +113,7 @@ def ran_in_caller(work_s: float, source: str) -> str:
     """
     return (
         f"{work_s * 1e3:.2f} ms of work{source} "
-        f"< {MIN_PARALLEL_WORK_S * 1e3:.0f} ms: ran in the caller"
+        f"< {MIN_PARALLEL_WORK_S * 1e3:.0f} ms: {RAN_IN_CALLER}"
     )
 
 
@@ -135,11 +146,12 @@ class AutoPlanner:
         probe: list[Any] = []
         started = time.perf_counter()
         batch = 1
+        enough = min(PROBE_MAX_ITEMS, max(1, int(n_items * PROBE_SHARE)))
         while len(probe) < n_items:
             done = len(probe)
             call_into(probe, fn, items[done : done + batch], local_args)
             elapsed = time.perf_counter() - started
-            if len(probe) >= PROBE_MAX_ITEMS or elapsed >= PROBE_BUDGET_S:
+            if len(probe) >= enough or elapsed >= PROBE_BUDGET_S:
                 projected = elapsed / len(probe) * n_items
                 if elapsed >= PROBE_MIN_S and projected >= MIN_PARALLEL_WORK_S:
                     break
@@ -148,6 +160,19 @@ class AutoPlanner:
         with self._lock, contextlib.suppress(TypeError):  # builtins: no weakref
             self._item_costs[fn] = [item_cost_s, 0]
         return probe, item_cost_s
+
+    def observed(self, fn: Callable[..., Any], items: int, compute_s: float) -> None:
+        """Refresh ``fn``'s cost per item from a map that finished.
+
+        ``compute_s`` is the items' own time (the workers' clocks for a
+        pool), so the cost stays fresh without another serial probe. Less
+        than ``PROBE_MIN_S`` of work is not trusted: the cost then ages as
+        before and is probed again after ``REPROBE_EVERY`` maps.
+        """
+        if items <= 0 or compute_s < PROBE_MIN_S:
+            return
+        with self._lock, contextlib.suppress(TypeError):  # builtins: no weakref
+            self._item_costs[fn] = [compute_s / items, 0]
 
     def known_cost(
         self, fn: Callable[..., Any], n_items: int | None, items: Any

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from engine import ParallelConfig, ParallelExecutor, strategies
+from engine._planner import RAN_IN_CALLER
 
 STRATEGY_CONFIGS: dict[str, dict[str, Any]] = {
     "serial": {"strategy": "serial"},
@@ -61,6 +62,34 @@ def warm_up(name: str, run: Callable[[], Any]) -> Any:
                 break
             run()
     return first
+
+
+def strategies_ran(executor: ParallelExecutor | None, since_run: int) -> dict[str, int]:
+    """Count ``executor``'s runs after its run number ``since_run`` by what ran.
+
+    Keys: ``processes/fork`` (strategy/start method), ``threads``, ``serial``,
+    and ``caller`` for auto's maps run in one loop in the caller. Counts
+    cover at most the executor's last ``KEEP_RUNS`` runs.
+    """
+    if executor is None:
+        return {}
+    counts: dict[str, int] = {}
+    for run in executor.telemetry.runs:
+        if run.run_id <= since_run:
+            continue
+        key = run.strategy
+        if run.start_method:
+            key = f"{key}/{run.start_method}"
+        elif run.strategy == "serial" and run.reason.endswith(RAN_IN_CALLER):
+            key = "caller"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def last_run_id(executor: ParallelExecutor | None) -> int:
+    """The id of ``executor``'s latest run (0 before its first)."""
+    runs = executor.telemetry.runs if executor is not None else []
+    return runs[-1].run_id if runs else 0
 
 
 def config_available(name: str) -> str | None:
@@ -146,6 +175,10 @@ class Workload:
     def run(self, name: str) -> Any:
         """Run one repetition under configuration ``name``."""
         return self.body(self.state, self._mapper(name))
+
+    def executor(self, name: str) -> ParallelExecutor | None:
+        """The engine executor behind configuration ``name``, once it has run."""
+        return self.executors.get(name)
 
     def close(self) -> None:
         """Shut every executor and pool down."""

@@ -36,7 +36,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from engine import ParallelConfig
+from engine import ParallelConfig, ParallelExecutor
 from engine._workloads import STRATEGY_CONFIGS, Workload, ce_installed, config_available
 
 CE_CONFIGS: Final = ("ce-sequential", "ce-default", "ce-tuned")
@@ -329,6 +329,15 @@ class CEWorkload(Workload):
     def run(self, name: str) -> Any:
         """Explain the test instances once under ``name``; return the result."""
         return self.explainer(name).explain_factual(self.state["x_test"])
+
+    def executor(self, name: str) -> ParallelExecutor | None:
+        """Our plugin's executor behind configuration ``name`` (ours only)."""
+        explainer = self.explainers.get(name)
+        if explainer is None or name not in OUR_CONFIGS:
+            return None
+        from engine.integrations.calibrated_explanations import executor_of
+
+        return executor_of(explainer)
 
     def close(self) -> None:
         """Close every explainer's pool, then the base class's executors."""

@@ -372,11 +372,11 @@ class ParallelExecutor:
         n_items: int | None,
     ) -> Iterator[list[Any]]:
         """Start ``plan``'s strategy; return the stream of result blocks."""
-        strategy, used = self._start_strategy(plan)
+        strategy, used, cold = self._start_strategy(plan)
         ctx = self._context(strategy, used, requested=plan)
         chunks = self._chunks(used, ctx, items, chunk_size, n_items, offset=0)
         stream = self._stream(
-            strategy, fn, chunks, self._args_for(strategy, extra_args), ctx
+            strategy, fn, chunks, self._args_for(strategy, extra_args), ctx, cold
         )
         if strategy.STARTS_EAGERLY:
             # Dispatch now; the strategy's first block is an empty marker.
@@ -443,7 +443,9 @@ class ParallelExecutor:
             measured=measured,
         )
 
-    def _start_strategy(self, plan: Plan) -> tuple[Strategy, Plan]:
+    def _start_strategy(self, plan: Plan) -> tuple[Strategy, Plan, bool]:
+        """Return the strategy to run ``plan`` on, the plan used, and whether
+        its pool was started just now (cold workers)."""
         try:
             started = time.perf_counter()
             strategy = self._strategy(plan.strategy, plan.workers)
@@ -455,11 +457,12 @@ class ParallelExecutor:
             reason = f"{plan.strategy} unavailable ({exc}); ran serially"
             warnings.warn(reason, FallbackWarning, stacklevel=4)
             fallback = Plan("serial", 1, None, reason, plan.nested)
-            return self._strategy("serial", 1), fallback
+            return self._strategy("serial", 1), fallback, False
         elapsed = time.perf_counter() - started
         if elapsed > 0.005:  # a real start, not a warm pool: remember its cost
             _planner.STARTUP_S[(plan.strategy, self._config.start_method)] = elapsed
-        return strategy, plan
+            return strategy, plan, True
+        return strategy, plan, False
 
     def _auto(
         self,
@@ -483,20 +486,20 @@ class ParallelExecutor:
             plan = Plan("serial", 1, None, reason, False)
         else:
             plan = self._choose(fn, remaining, item_cost_s, first)
-        strategy, used = self._start_strategy(plan)
+        strategy, used, cold = self._start_strategy(plan)
         ctx = self._context(strategy, used, requested=plan)
         if probe:
             ctx.recorder.add(
                 items=len(probe), chunks=1, compute_s=item_cost_s * len(probe)
             )
         yield probe
-        if remaining == 0:
+        if remaining == 0:  # the probe ran the whole map and measured it
             self.telemetry.add(ctx.recorder.finish("ok"))
             return
         rest = items[len(probe) :] if probe else items
         chunks = self._chunks(used, ctx, rest, chunk_size, remaining, offset=len(probe))
         yield from self._stream(
-            strategy, fn, chunks, self._args_for(strategy, extra_args), ctx
+            strategy, fn, chunks, self._args_for(strategy, extra_args), ctx, cold
         )
 
     def _auto_tiny(
@@ -520,6 +523,7 @@ class ParallelExecutor:
         elapsed = time.perf_counter() - started
         reason = ran_in_caller(item_cost_s * len(items), " (known cost)")
         self.telemetry.add_caller_run(reason, len(results), elapsed)
+        self._planner.observed(fn, len(results), elapsed)
         yield results
 
     def _auto_known(
@@ -548,7 +552,11 @@ class ParallelExecutor:
         chunks: Iterable[Chunk],
         extra_args: tuple[Any, ...],
         ctx: RunContext,
+        cold: bool,
     ) -> Iterator[Any]:
+        """Run ``chunks``; record the run; refresh auto's cost of ``fn`` from
+        it, unless the pool was ``cold`` (its first items paid worker
+        start-up: W1's first pooled map measured 14x the warm cost)."""
         with self._lock:
             self._active.add(ctx)
             store = self._payloads
@@ -581,7 +589,10 @@ class ParallelExecutor:
                 # Segments created during the run (auto-shared arrays); the
                 # joblib and dask strategies count their own.
                 ctx.recorder.add(bytes_shared=store.bytes_shared - shared_before)
-            self.telemetry.add(ctx.recorder.finish(status))
+            summary = ctx.recorder.finish(status)
+            self.telemetry.add(summary)
+            if status == "ok" and not cold and self._config.strategy == "auto":
+                self._planner.observed(fn, summary.items, summary.compute_s)
 
     def cancel(self) -> None:
         """Cancel every run in progress; their ``map`` raises ``CancelledError``.

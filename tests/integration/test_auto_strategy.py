@@ -235,3 +235,58 @@ def test_a_known_function_skips_the_probe(monkeypatch: pytest.MonkeyPatch) -> No
     assert first[0] == me  # the probe ran here
     assert me not in second
     assert strategies == ["processes", "processes"]
+
+
+def test_a_warm_pool_is_not_probed_again_in_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Maps of 3 items of 20 ms (W1-W2's shape). The first map's probe runs
+    # one item in the caller, not all three (PROBE_SHARE); after it, every
+    # map goes to the warm pool: each finished map refreshes the cost from
+    # the workers' clocks, so none is re-probed serially in the caller.
+    import engine._planner
+
+    monkeypatch.setattr(engine._planner, "STARTUP_S", {("processes", "fork"): 0.0})
+    config = ParallelConfig(
+        strategy="auto",
+        prefer=("processes", "serial"),
+        start_method="fork",
+        min_batch_size=1,
+    )
+    me = os.getpid()
+    with ParallelExecutor(config) as ex:
+        first = ex.map(pid_after, range(3), 0.02)
+        later = [
+            ex.map(pid_after, range(3), 0.02)
+            for _ in range(2 * engine._planner.REPROBE_EVERY + 2)
+        ]
+        strategies = {run.strategy for run in ex.telemetry.runs}
+    assert first[0] == me
+    assert me not in first[1:]
+    assert all(me not in pids for pids in later), later
+    assert strategies == {"processes"}
+
+
+def test_strategies_ran_counts_what_each_map_ran_as() -> None:
+    # The ablation reports what auto's maps ran as (engine._workloads).
+    from engine._workloads import last_run_id, strategies_ran
+
+    assert strategies_ran(None, 0) == {}
+    assert last_run_id(None) == 0
+    with ParallelExecutor(ParallelConfig(strategy="auto", min_batch_size=1)) as ex:
+        assert last_run_id(ex) == 0
+        ex.map(square, range(5))
+        since = last_run_id(ex)
+        assert since > 0
+        for _ in range(3):
+            ex.map(square, range(5))
+        assert strategies_ran(ex, since) == {"caller": 3}
+        assert strategies_ran(ex, 0) == {"caller": 4}
+    fields = {"strategy": "processes", "start_method": "fork", "max_workers": 2}
+    with ParallelExecutor(ParallelConfig(min_batch_size=1, **fields)) as ex:
+        ex.map(square, range(8))
+        with ParallelExecutor(ParallelConfig(strategy="threads")) as other:
+            other.map(square, range(8), chunk_size=2)
+            assert strategies_ran(other, 0) == {"threads": 1}
+        ex.map(square, range(8))
+        assert strategies_ran(ex, 0) == {"processes/fork": 2}

@@ -98,5 +98,9 @@ def test_ablate_quick_writes_report(tmp_path: Path) -> None:
     assert "ce-default" not in duel
     lengths = {len(values) for values in duel.values()}
     assert len(lengths) == 1
-    assert DUEL_MIN_ROUNDS <= lengths.pop() <= DUEL_MAX_ROUNDS
+    duel_rounds = lengths.pop()
+    assert DUEL_MIN_ROUNDS <= duel_rounds <= DUEL_MAX_ROUNDS
+    # Every timed auto map of W6 (5 ms of known cost) ran in the caller.
+    assert w6["auto_ran"] == {"caller": rounds["auto"] + duel_rounds}
+    assert f"auto's maps ran as: caller x{rounds['auto'] + duel_rounds}" in out.stdout
     assert data["meta"]["versions"]["python"]
