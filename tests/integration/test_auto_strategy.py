@@ -13,7 +13,7 @@ from _crash_tasks import pid_after
 from _tasks import shuffled_sleep, sleep_s, square
 
 from engine import ParallelConfig, ParallelExecutor
-from engine._planner import releases_gil
+from engine._planner import REPROBE_EVERY, releases_gil
 
 
 class Counter:
@@ -214,21 +214,25 @@ def test_a_known_tiny_function_runs_in_one_loop_without_probing(
     assert "known cost" in runs[2].reason
 
 
-def test_a_known_function_skips_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The first map probes its first items in the caller; the next map of the
-    # same function reuses that cost and sends every item to the pool, which
-    # starts dispatching as imap is called.
+def _auto_with_free_fork_pools(monkeypatch: pytest.MonkeyPatch) -> ParallelConfig:
+    """auto over processes (fork) and serial, a pool's start-up counted as 0."""
     import engine._planner
 
     monkeypatch.setattr(engine._planner, "STARTUP_S", {("processes", "fork"): 0.0})
-    config = ParallelConfig(
+    return ParallelConfig(
         strategy="auto",
         prefer=("processes", "serial"),
         start_method="fork",
         min_batch_size=1,
     )
+
+
+def test_a_known_function_skips_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first map probes its first items in the caller; the next map of the
+    # same function reuses that cost and sends every item to the pool, which
+    # starts dispatching as imap is called.
     me = os.getpid()
-    with ParallelExecutor(config) as ex:
+    with ParallelExecutor(_auto_with_free_fork_pools(monkeypatch)) as ex:
         first = ex.map(pid_after, range(8), 0.02)
         second = ex.map(pid_after, range(8), 0.02)
         strategies = [run.strategy for run in ex.telemetry.runs]
@@ -244,21 +248,11 @@ def test_a_warm_pool_is_not_probed_again_in_the_caller(
     # one item in the caller, not all three (PROBE_SHARE); after it, every
     # map goes to the warm pool: each finished map refreshes the cost from
     # the workers' clocks, so none is re-probed serially in the caller.
-    import engine._planner
-
-    monkeypatch.setattr(engine._planner, "STARTUP_S", {("processes", "fork"): 0.0})
-    config = ParallelConfig(
-        strategy="auto",
-        prefer=("processes", "serial"),
-        start_method="fork",
-        min_batch_size=1,
-    )
     me = os.getpid()
-    with ParallelExecutor(config) as ex:
+    with ParallelExecutor(_auto_with_free_fork_pools(monkeypatch)) as ex:
         first = ex.map(pid_after, range(3), 0.02)
         later = [
-            ex.map(pid_after, range(3), 0.02)
-            for _ in range(2 * engine._planner.REPROBE_EVERY + 2)
+            ex.map(pid_after, range(3), 0.02) for _ in range(2 * REPROBE_EVERY + 2)
         ]
         strategies = {run.strategy for run in ex.telemetry.runs}
     assert first[0] == me
