@@ -155,3 +155,29 @@ def test_enable_needs_a_calibrated_explainer(data: dict[str, Any]) -> None:
 
     with pytest.raises(ConfigError, match="calibrate"):
         enable(WrapCalibratedExplainer(data["model"]))
+
+
+@pytest.mark.parametrize("plugin", [False, True])
+def test_repeated_calls_keep_only_the_latest_explanation(
+    data: dict[str, Any], plugin: bool
+) -> None:
+    # CE's own path keeps one collection alive between calls: the explainer's
+    # latest_explanation. The plugin used to chain each call's collection to
+    # the previous one (through its deferred snapshot), keeping every
+    # collection and its explainer copy, model included, alive.
+    import gc
+    import weakref
+
+    wrapper = _explainer(data)
+    if plugin:
+        enable(wrapper, ParallelConfig(strategy="serial"))
+    try:
+        alive = [
+            weakref.ref(wrapper.explain_factual(data["x_test"][:3])) for _ in range(4)
+        ]
+        gc.collect()
+        assert [ref() is not None for ref in alive] == [False, False, False, True]
+        assert alive[-1]() is wrapper.explainer.latest_explanation
+    finally:
+        if plugin:
+            disable(wrapper)

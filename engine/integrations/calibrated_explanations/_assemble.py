@@ -94,6 +94,13 @@ class _SnapshotOnCopy:
     def __init__(self, explainer: Any) -> None:
         self._live = explainer
         self._state = dict(vars(explainer))  # bindings at CE's copy time
+        # CE's copy drops the previous explanation (1.0.2's __deepcopy__ sets
+        # it to None). Holding it here linked every call's template to the
+        # previous call's collection, which held its snapshot, and so on:
+        # W1 kept a 100-tree forest copy per explain_factual call, and the
+        # caller's full GC passes grew to 0.2-0.7 s.
+        if "latest_explanation" in self._state:
+            self._state["latest_explanation"] = None
         self._armed = False  # the collection's own constructor: no copy yet
 
     def __getattr__(self, name: str) -> Any:
