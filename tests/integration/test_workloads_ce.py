@@ -79,6 +79,9 @@ def test_workload_runs_by_name_and_closes_ce_pools(w1_small: dict[str, Any]) -> 
         sequential = workload.run("ce-sequential")
         default = workload.run("ce-default")
         assert workload.explainer("ce-default") is workload.explainer("ce-default")
+        # One explainer per configuration: their last collections are not kept.
+        for name in ("ce-sequential", "ce-default"):
+            assert workload.explainer(name).explainer.latest_explanation is None
     finally:
         workload.close()
     assert not workload.explainers
