@@ -10,8 +10,8 @@ measured again.
     python ci/perf_check.py                      # run ablate --quick 3x, compare, gate
     python ci/perf_check.py --fresh run.json     # compare an existing report
     python ci/perf_check.py --report-only --runs 1   # print, never fail (CI)
-    python ci/perf_check.py --update             # refresh ci/perf_baseline.json
-    python ci/perf_check.py --update --fresh a.json --fresh b.json   # pooled baseline
+    python ci/perf_check.py --update --runs 5    # refresh ci/perf_baseline.json (pooled)
+    python ci/perf_check.py --update --fresh a.json --fresh b.json   # from reports
 
 Why the noise margin: on the 2-core reference machine a quick run has 5
 rounds of W1-W5, and the median of 5 per-round ratios moves by 7-26 % (its
@@ -25,8 +25,9 @@ each ratio's threshold). A flagged workload is measured ``--confirm`` more
 times and its rounds pooled before the gate fails.
 
 Refresh the baseline after an intended performance change, on the reference
-machine (2 cores), from several runs (their rounds are pooled), and commit
-it with the change that moved it.
+machine (2 cores), from several runs of the gate's own workloads (their
+rounds are pooled; a ratio can depend on what ran before it in the process),
+and commit it with the change that moved it.
 """
 
 from __future__ import annotations
