@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -27,6 +28,14 @@ if (
 
 SHM_DIR = Path("/dev/shm")
 LEAK_GRACE_S = 5.0
+
+# A shell without job control starts background commands with SIGINT
+# ignored, and an ignored signal stays ignored across exec: the Ctrl-C tests'
+# callers then never see KeyboardInterrupt (4 of them failed in a
+# `bash .ci/run &`). With Python's handler installed here, every child this
+# process starts gets the default disposition at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # name -> ParallelConfig fields; every behavioural test runs once per case.
 STRATEGY_CASES: dict[str, dict[str, object]] = {
