@@ -42,6 +42,10 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from engine._ablate import flat_ratios  # noqa: E402  (the path above first)
+
 BASELINE = HERE / "perf_baseline.json"
 # Ratios this small are dominated by timer noise and scheduling; a 10 %
 # change of 0.5 % of the baseline means nothing.
@@ -107,12 +111,7 @@ def merge(reports: list[dict]) -> dict:
                 for name, values in samples.items()
                 if values
             }
-    merged["ratios"] = {
-        f"{wid}/{name}": value
-        for wid, data in merged.get("workloads", {}).items()
-        for name, value in data.get("ratio_to_baseline", {}).items()
-        if name != data["baseline"]
-    }
+    merged["ratios"] = flat_ratios(merged.get("workloads", {}))
     return merged
 
 
