@@ -33,18 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine import ParallelConfig, ParallelExecutor
 from engine._context import package_versions
+from engine._workloads import busy_ms  # W6's item: 1 ms of pure-Python work
 
 WORKERS = 2
 TARGET_WORST_SLOT_LOST = 0.05
 SLOT_S = 0.001
-
-
-def busy_item(x: int) -> int:
-    """One millisecond of pure-Python work (W6's item)."""
-    deadline = time.perf_counter() + 0.001
-    while time.perf_counter() < deadline:
-        pass
-    return x
 
 
 def spin_slots(n_slots: int) -> list[int]:
@@ -81,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     after_idle: list[list[int]] = []
     with ParallelExecutor(config) as executor:
         for _ in range(10):  # warm-up
-            assert executor.map(busy_item, items, chunk_size=1) == items
+            assert executor.map(busy_ms, items, chunk_size=1) == items
         for _ in range(args.rounds):
-            executor.map(busy_item, items, chunk_size=1)
+            executor.map(busy_ms, items, chunk_size=1)
             after_map.append(spin_slots(args.slots))
             time.sleep(args.idle)
             after_idle.append(spin_slots(args.slots))
