@@ -16,6 +16,7 @@ method in :data:`STARTUP_S` (one process-wide table).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import pickle
@@ -60,6 +61,12 @@ PROBE_SHARE: Final = 1 / 3
 # least PROBE_MIN_S of measured work refreshes the cost, from the workers'
 # own clocks when a pool ran it, so a warm pool is not re-probed serially.
 REPROBE_EVERY: Final = 8
+# The cost in use is the lower median of the last this-many measurements:
+# one slow map (descheduled, a GC pass) measured 4x W6's cost per item, and
+# the next map, taken for 20 ms of work, ran as serial chunks instead of one
+# loop in the caller (ablate W6, 1 map in 125). A real change shows after
+# two maps.
+COST_HISTORY: Final = 3
 
 # Pool start-up seconds measured in this process, per strategy and configured
 # start method (None: the platform default), auto's input; the executor
@@ -118,6 +125,24 @@ def ran_in_caller(work_s: float, source: str) -> str:
 
 
 @final
+class _Cost:
+    """A function's cost per item, from its last measurements."""
+
+    __slots__ = ("recent", "uses", "value")
+
+    def __init__(self, first: float) -> None:
+        self.recent = collections.deque([first], maxlen=COST_HISTORY)
+        self.value = first
+        self.uses = 0  # maps that reused it since the last measurement
+
+    def add(self, cost: float) -> None:
+        self.recent.append(cost)
+        ordered = sorted(self.recent)
+        self.value = ordered[(len(ordered) - 1) // 2]
+        self.uses = 0
+
+
+@final
 class AutoPlanner:
     """auto's measurements for one executor (thread-safe)."""
 
@@ -125,8 +150,7 @@ class AutoPlanner:
         self._config = config
         self._lock = threading.Lock()
         self._forgone_s = 0.0
-        # fn -> [cost per item, maps that reused it]
-        self._item_costs: weakref.WeakKeyDictionary[Any, list[float]] = (
+        self._item_costs: weakref.WeakKeyDictionary[Any, _Cost] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -158,26 +182,31 @@ class AutoPlanner:
                 batch = len(probe)
         item_cost_s = (time.perf_counter() - started) / len(probe)
         with self._lock, contextlib.suppress(TypeError):  # builtins: no weakref
-            self._item_costs[fn] = [item_cost_s, 0]
+            self._item_costs[fn] = _Cost(item_cost_s)  # a probe starts afresh
         return probe, item_cost_s
 
     def observed(self, fn: Callable[..., Any], items: int, compute_s: float) -> None:
         """Refresh ``fn``'s cost per item from a map that finished.
 
         ``compute_s`` is the items' own time (the workers' clocks for a
-        pool), so the cost stays fresh without another serial probe. Less
+        pool), so the cost stays fresh without another serial probe; the
+        cost used is the lower median of the last ``COST_HISTORY``. Less
         than ``PROBE_MIN_S`` of work is not trusted: the cost then ages as
         before and is probed again after ``REPROBE_EVERY`` maps.
         """
         if items <= 0 or compute_s < PROBE_MIN_S:
             return
         with self._lock, contextlib.suppress(TypeError):  # builtins: no weakref
-            self._item_costs[fn] = [compute_s / items, 0]
+            entry = self._item_costs.get(fn)
+            if entry is None:
+                self._item_costs[fn] = _Cost(compute_s / items)
+            else:
+                entry.add(compute_s / items)
 
     def known_cost(
         self, fn: Callable[..., Any], n_items: int | None, items: Any
     ) -> float | None:
-        """``fn``'s cost per item from an earlier probe, while still fresh."""
+        """``fn``'s cost per item from earlier maps, while still fresh."""
         if not n_items or not isinstance(items, Sequence):
             return None
         with self._lock:
@@ -185,10 +214,10 @@ class AutoPlanner:
                 entry = self._item_costs.get(fn)
             except TypeError:  # not weak-referenceable (builtins)
                 return None
-            if entry is None or entry[1] >= REPROBE_EVERY:
+            if entry is None or entry.uses >= REPROBE_EVERY:
                 return None
-            entry[1] += 1
-            return entry[0]
+            entry.uses += 1
+            return entry.value
 
     def choose(
         self,

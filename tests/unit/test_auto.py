@@ -154,3 +154,25 @@ def test_amortising_never_starts_a_pool_for_tiny_or_nested_work() -> None:
 
 def test_a_warm_choice_is_returned_as_is() -> None:
     assert choose_amortised(_estimate(), 0.0) == (choose(_estimate()), 0.0)
+
+
+def test_one_slow_map_does_not_move_a_known_cost() -> None:
+    # The planner keeps the lower median of a function's last measurements:
+    # one map slowed by the machine must not send the next map elsewhere.
+    from engine._planner import AutoPlanner
+    from engine.config import ParallelConfig
+
+    def fn(x: int) -> int:
+        return x
+
+    planner = AutoPlanner(ParallelConfig(strategy="auto"))
+    items = list(range(5))
+    assert planner.known_cost(fn, 5, items) is None
+    planner.observed(fn, 5, 0.005)  # 1 ms an item
+    planner.observed(fn, 5, 0.005)
+    planner.observed(fn, 5, 0.025)  # one slow map: 5 ms an item
+    assert planner.known_cost(fn, 5, items) == pytest.approx(0.001)
+    planner.observed(fn, 5, 0.025)  # twice: the cost has changed
+    assert planner.known_cost(fn, 5, items) == pytest.approx(0.005)
+    planner.observed(fn, 5, 0.0005)  # under PROBE_MIN_S: not trusted
+    assert planner.known_cost(fn, 5, items) == pytest.approx(0.005)
