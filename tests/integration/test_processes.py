@@ -40,6 +40,7 @@ from engine import (
     StrategyUnavailableError,
     _context,
 )
+from engine.strategies import _dispatch
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "win32", reason="these tests fork; the spawn suite covers Windows"
@@ -80,6 +81,23 @@ def test_pool_stays_warm_across_maps() -> None:
             assert set(ex.map(pid_after, range(16), 0.01, chunk_size=1)) == first
         assert len(first) == 2
         assert os.getpid() not in first
+
+
+def test_shutdown_right_after_a_map_does_not_wait_for_an_idle_tick(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The background thread parks for up to IDLE_TICK_S after a map; a
+    # shutdown must not wait that out (it did: 0.5 s per executor). With the
+    # tick at 60 s, waiting it out would hit the join timeout (5 s) instead.
+    monkeypatch.setattr(_dispatch, "IDLE_TICK_S", 60.0)
+    ex = ParallelExecutor(_config()).__enter__()
+    try:
+        assert len(ex.map(pid_after, range(4), 0.0)) == 4
+    finally:
+        started = time.monotonic()
+        ex.shutdown()
+        took = time.monotonic() - started
+    assert took < 3.0, f"shutdown took {took:.2f} s"
 
 
 def test_worker_max_tasks_recycles_workers() -> None:
