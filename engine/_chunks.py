@@ -18,6 +18,10 @@ from engine.errors import CancelledError
 # (ci/bench/dispatch.py, W4).
 DEFAULT_CHUNKS_PER_WORKER: Final = 4
 
+# Chunk size for a stream of unknown length, when none is configured or
+# planned: calibrated-explanations' default instance chunk.
+DEFAULT_STREAM_CHUNK_SIZE: Final = 8
+
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
@@ -187,3 +191,35 @@ class AdaptiveChunks:
             yield Chunk(index, start, self._items[start : start + size])
             start += size
             index += 1
+
+
+def plan_chunks(
+    items: Iterable[Any],
+    *,
+    explicit: int | None,
+    n_items: int | None,
+    serial: bool,
+    workers: int,
+    planned_size: int | None,
+    target_chunk_s: float,
+    measured: Callable[[], tuple[int, float]],
+) -> Iterable[Chunk]:
+    """The chunks of one run: an explicit size wins; otherwise adaptive chunks
+    over a sequence, one chunk on the serial strategy, and ``planned_size``
+    (else ``DEFAULT_STREAM_CHUNK_SIZE``) over a stream.
+
+    ``measured`` is :class:`AdaptiveChunks`'s ``(items_done, compute_s)``.
+    """
+    if explicit:
+        return make_chunks(items, explicit)
+    if n_items is None or not isinstance(items, Sequence):
+        return make_chunks(items, planned_size or DEFAULT_STREAM_CHUNK_SIZE)
+    if serial:
+        return make_chunks(items, max(1, n_items))
+    return AdaptiveChunks(
+        items,
+        workers=workers,
+        initial_size=planned_size or default_chunk_size(n_items, workers),
+        target_chunk_s=target_chunk_s,
+        measured=measured,
+    )

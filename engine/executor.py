@@ -24,13 +24,7 @@ from typing import TYPE_CHECKING, Any, final
 
 from engine import _env, _planner, strategies
 from engine._attach import readonly_view
-from engine._chunks import (
-    AdaptiveChunks,
-    Chunk,
-    call_into,
-    default_chunk_size,
-    make_chunks,
-)
+from engine._chunks import Chunk, call_into, plan_chunks
 from engine._context import usable_cpu_count
 from engine._planner import NO_ITEM, AutoPlanner, Plan, ran_in_caller
 from engine._state import ExecutorState, Lifecycle, is_nested
@@ -49,10 +43,6 @@ from engine.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from engine.payload import PayloadStore
-
-# Chunk size for an ``imap`` over an iterator of unknown length, when none is
-# configured: calibrated-explanations' default instance chunk.
-DEFAULT_STREAM_CHUNK_SIZE = 8
 
 
 def _flatten(blocks: Iterator[list[Any]]) -> Iterator[Any]:
@@ -420,25 +410,19 @@ class ParallelExecutor:
         *,
         offset: int,
     ) -> Iterable[Chunk]:
-        """Explicit sizes win; otherwise adaptive chunks over a sequence."""
-        explicit = chunk_size or self._config.instance_chunk_size
-        if explicit:
-            return make_chunks(items, explicit)
-        if n_items is None or not isinstance(items, Sequence):
-            return make_chunks(items, plan.chunk_size or DEFAULT_STREAM_CHUNK_SIZE)
-        if plan.strategy == "serial":
-            return make_chunks(items, max(1, n_items))
-        initial = plan.chunk_size or default_chunk_size(n_items, plan.workers)
         recorder = ctx.recorder
 
         def measured() -> tuple[int, float]:
             counts = recorder.counts()
             return int(counts["items"]) - offset, counts["compute_s"]
 
-        return AdaptiveChunks(
+        return plan_chunks(
             items,
+            explicit=chunk_size or self._config.instance_chunk_size,
+            n_items=n_items,
+            serial=plan.strategy == "serial",
             workers=plan.workers,
-            initial_size=initial,
+            planned_size=plan.chunk_size,
             target_chunk_s=TARGET_CHUNK_S,
             measured=measured,
         )
