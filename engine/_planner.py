@@ -29,7 +29,15 @@ from typing import Any, Final, NamedTuple, final
 from engine import strategies
 from engine._chunks import call_into
 from engine._context import usable_cpu_count
-from engine.auto import MIN_PARALLEL_WORK_S, Estimate, choose_amortised
+from engine.auto import (
+    DEFAULT_ORDER,
+    DEFAULT_STARTUP_S,
+    MIN_PARALLEL_WORK_S,
+    Estimate,
+    Split,
+    choose_amortised,
+    split_tiny,
+)
 from engine.config import ParallelConfig
 
 __all__ = [
@@ -218,6 +226,54 @@ class AutoPlanner:
                 return None
             entry.uses += 1
             return entry.value
+
+    def split(
+        self, n_items: int, item_cost_s: float, item: Any, *, warm: bool, workers: int
+    ) -> tuple[Split, str] | None:
+        """Whether a map under MIN_PARALLEL_WORK_S shares the process pool.
+
+        With the pool warm: whenever ``auto.split_tiny`` says it pays. With
+        it cold (``warm`` False): the gain each such map forgoes is added up
+        (with ``choose``'s), and the pool is started once the gains reach its
+        start-up cost, the rule ``auto.choose_amortised`` applies to bigger
+        maps. Returns the split and its reason, or ``None``: one loop in the
+        caller.
+        """
+        cfg = self._config
+        if "processes" not in (cfg.prefer or DEFAULT_ORDER):
+            return None
+        task_bytes = cfg.task_size_hint_bytes
+        if task_bytes is None:
+            task_bytes = _pickled_size(item)
+        split = split_tiny(
+            n_items,
+            item_cost_s,
+            workers=workers,
+            usable_cpus=usable_cpu_count(),
+            task_bytes=task_bytes,
+        )
+        if split is None:
+            return None
+        serial_s = n_items * item_cost_s
+        reason = (
+            f"{serial_s * 1e3:.2f} ms of work (known cost): the caller ran "
+            f"{split.caller_items} items while the process pool ran "
+            f"{n_items - split.caller_items} (predicted {split.predicted_s * 1e3:.2f} ms)"
+        )
+        if warm:
+            return split, reason
+        start = STARTUP_S.get(("processes", cfg.start_method))
+        if start is None:
+            start = DEFAULT_STARTUP_S["processes"]
+        with self._lock:
+            self._forgone_s += serial_s - split.predicted_s
+            forgone_s = self._forgone_s
+        if forgone_s < start:
+            return None
+        return split, (
+            f"{reason}; its {start:.3f}s start-up is paid off by {forgone_s:.3f}s "
+            "forgone in caller runs"
+        )
 
     def choose(
         self,

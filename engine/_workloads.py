@@ -45,11 +45,12 @@ STRATEGY_CONFIGS: dict[str, dict[str, Any]] = {
 CE_DEFAULT_CHUNK = 8
 # The warm-up brings every configuration to its steady state: fixed
 # strategies start their pool on the first call; auto starts one only once
-# repeated runs pay for its start-up (auto.choose_amortised), so it is warmed
-# up with calls for up to AUTO_WARMUP_S (at most AUTO_WARMUP_CALLS): W1 of
-# ablate --quick forgoes ~30 ms a call against a 0.35 s start-up.
+# repeated runs pay for its start-up (auto.choose_amortised, and
+# AutoPlanner.split for maps under 20 ms), so it is warmed up with calls for
+# up to AUTO_WARMUP_S (at most AUTO_WARMUP_CALLS): W1 of ablate --quick
+# forgoes ~30 ms a call against a 0.35 s start-up, W6 ~2 ms (175 calls).
 AUTO_WARMUP_S = 3.0
-AUTO_WARMUP_CALLS = 30
+AUTO_WARMUP_CALLS = 400
 
 
 def warm_up(name: str, run: Callable[[], Any]) -> Any:

@@ -12,6 +12,10 @@ Cost model, per candidate with ``w`` workers and ``n`` items of cost ``c``::
     threads    start + n*c / (w if fn releases the GIL else 1) + n*THREAD_ITEM_S
     processes  start + n*c / w + n*(PROCESS_ITEM_S + bytes/PICKLE_BYTES_PER_S)
     joblib     as processes, with joblib's own start and per-item costs
+
+A map under ``MIN_PARALLEL_WORK_S`` may still share a warm process pool with
+the caller (``split_tiny``): the caller runs ``ceil(n/cpus)`` items while the
+pool runs the rest, predicted as the slower of the two sides.
 """
 
 from __future__ import annotations
@@ -56,6 +60,18 @@ TARGET_CHUNK_S: Final = 0.02
 # Strategies auto considers, in this order on ties, when prefer is empty.
 DEFAULT_ORDER: Final = ("processes", "threads", "joblib", "serial")
 
+# A map under MIN_PARALLEL_WORK_S may still share a warm process pool: the
+# caller runs its first items while the pool runs the rest as one chunk per
+# other CPU (split_tiny). The pool's side then costs its items plus one round
+# trip: one chunk's map on a warm pool, executor bookkeeping included, took
+# 0.75-0.82 ms between other work and 0.37-0.48 ms back to back here
+# (ci/bench/share.py, "round trip"; 3 runs each).
+SHARE_ROUND_TRIP_S: Final = 0.0008
+# ...so a map with less work than this never gains MIN_GAIN by a split: it is
+# not even considered (W7's 20 maps of 10 trivial items paid 15-20 us a map
+# to be told so).
+MIN_SPLIT_WORK_S: Final = MIN_GAIN * SHARE_ROUND_TRIP_S
+
 
 @final
 @dataclass(frozen=True)
@@ -73,6 +89,16 @@ class Estimate:
     task_bytes: int | None = None
     shared_bytes: int = 0
     startup_s: Mapping[str, float] = field(default_factory=dict)
+
+
+@final
+@dataclass(frozen=True)
+class Split:
+    """A tiny map shared between the caller and a warm process pool."""
+
+    caller_items: int
+    chunk_size: int
+    predicted_s: float
 
 
 @final
@@ -211,3 +237,32 @@ def choose_amortised(estimate: Estimate, forgone_s: float) -> tuple[Choice, floa
         )
         return Choice(warm.strategy, warm.max_workers, warm.chunk_size, reason), gain
     return choice, max(0.0, gain)
+
+
+def split_tiny(
+    n_items: int,
+    item_cost_s: float,
+    *,
+    workers: int,
+    usable_cpus: int,
+    task_bytes: int | None = None,
+) -> Split | None:
+    """How a map too small for a pool of its own shares a warm process pool.
+
+    The caller runs the first ``caller_items`` while the pool runs the rest
+    in chunks of ``chunk_size``, one per other CPU, so no CPU idles and no
+    process waits for one. Returns ``None`` when that would not beat one loop
+    in the caller by ``MIN_GAIN`` (few or trivial items, one CPU or worker).
+    """
+    cpus = min(usable_cpus, workers + 1)
+    if workers < 2 or cpus < 2 or n_items < 2:
+        return None
+    if n_items * item_cost_s < MIN_SPLIT_WORK_S:
+        return None
+    caller = math.ceil(n_items / cpus)
+    chunk = math.ceil((n_items - caller) / (cpus - 1))
+    per_item = item_cost_s + PROCESS_ITEM_S + (task_bytes or 0) / PICKLE_BYTES_PER_S
+    predicted = max(caller * item_cost_s, chunk * per_item + SHARE_ROUND_TRIP_S)
+    if predicted * MIN_GAIN > n_items * item_cost_s:
+        return None
+    return Split(caller, chunk, predicted)

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any, final
 
 from engine import _env, _planner, strategies
 from engine._attach import readonly_view
-from engine._chunks import Chunk, call_into, plan_chunks
+from engine._auto_runs import AutoRuns
+from engine._chunks import Chunk, plan_chunks
 from engine._context import usable_cpu_count
-from engine._planner import NO_ITEM, AutoPlanner, Plan, ran_in_caller
+from engine._planner import AutoPlanner, Plan
 from engine._state import ExecutorState, Lifecycle, is_nested
-from engine.auto import MIN_PARALLEL_WORK_S, TARGET_CHUNK_S
+from engine.auto import TARGET_CHUNK_S
 from engine.config import ParallelConfig
 from engine.errors import (
     CancelledError,
@@ -57,7 +58,7 @@ def _flatten(blocks: Iterator[list[Any]]) -> Iterator[Any]:
 
 
 @final
-class ParallelExecutor:
+class ParallelExecutor(AutoRuns):
     """Run ``fn`` over many items with the configured strategy.
 
     Parameters
@@ -248,23 +249,6 @@ class ParallelExecutor:
             cfg.strategy, self._workers_for(cfg.strategy), None, "configured", False
         )
 
-    def _choose(
-        self,
-        fn: Callable[..., Any],
-        n_items: int | None,
-        item_cost_s: float | None,
-        item: Any,
-    ) -> Plan:
-        """Ask auto, with what this executor measured and holds warm."""
-        with self._lock:
-            warm = set(self._strategies)
-            shared_bytes = (
-                self._payloads.bytes_shared if self._payloads is not None else 0
-            )
-        return self._planner.choose(
-            fn, n_items, item_cost_s, item, warm=warm, shared_bytes=shared_bytes
-        )
-
     # -- running -----------------------------------------------------------------
 
     def map(
@@ -341,15 +325,7 @@ class ParallelExecutor:
         n_items = len(items) if isinstance(items, Sequence) else None
         plan = self._plan(n_items)
         if plan.strategy == "auto":
-            known = self._planner.known_cost(fn, n_items, items)
-            # A known cost skips the probe: big maps go to the chosen
-            # strategy, tiny ones run in the caller in one loop, cheaper than
-            # the serial strategy's chunks (W4, W6, W7).
-            if known is not None and known * n_items >= MIN_PARALLEL_WORK_S:
-                return self._auto_known(fn, items, extra_args, chunk_size, known)
-            if known is not None:
-                return self._auto_tiny(fn, items, extra_args, known)
-            return self._auto(fn, items, extra_args, chunk_size, n_items)
+            return self._auto_blocks(fn, items, extra_args, chunk_size, n_items)
         return self._start_run(plan, fn, items, extra_args, chunk_size, n_items)
 
     def _start_run(
@@ -447,87 +423,6 @@ class ParallelExecutor:
             _planner.STARTUP_S[(plan.strategy, self._config.start_method)] = elapsed
             return strategy, plan, True
         return strategy, plan, False
-
-    def _auto(
-        self,
-        fn: Callable[..., Any],
-        items: Iterable[Any],
-        extra_args: tuple[Any, ...],
-        chunk_size: int | None,
-        n_items: int | None,
-    ) -> Iterator[Any]:
-        """Probe the first items serially (results kept), choose, run the rest."""
-        probe: list[Any] = []
-        item_cost_s = None
-        first: Any = NO_ITEM
-        if n_items is not None and isinstance(items, Sequence) and n_items:
-            first = items[0]
-            local_args = self._args_for(self._strategy("serial", 1), extra_args)
-            probe, item_cost_s = self._planner.probe(fn, items, local_args, n_items)
-        remaining = n_items - len(probe) if n_items is not None else None
-        if remaining == 0:
-            reason = ran_in_caller(item_cost_s * len(probe), "")
-            plan = Plan("serial", 1, None, reason, False)
-        else:
-            plan = self._choose(fn, remaining, item_cost_s, first)
-        strategy, used, cold = self._start_strategy(plan)
-        ctx = self._context(strategy, used, requested=plan)
-        if probe:
-            ctx.recorder.add(
-                items=len(probe), chunks=1, compute_s=item_cost_s * len(probe)
-            )
-        yield probe
-        if remaining == 0:  # the probe ran the whole map and measured it
-            self.telemetry.add(ctx.recorder.finish("ok"))
-            return
-        rest = items[len(probe) :] if probe else items
-        chunks = self._chunks(used, ctx, rest, chunk_size, remaining, offset=len(probe))
-        yield from self._stream(
-            strategy, fn, chunks, self._args_for(strategy, extra_args), ctx, cold
-        )
-
-    def _auto_tiny(
-        self,
-        fn: Callable[..., Any],
-        items: Sequence[Any],
-        extra_args: tuple[Any, ...],
-        item_cost_s: float,
-    ) -> Iterator[list[Any]]:
-        """auto when ``fn``'s known cost puts the whole map under MIN_PARALLEL_WORK_S.
-
-        One loop in the caller and one telemetry record, nothing else: the
-        probe path's steps (batches and clock reads, a plan, a run context
-        with its cancel event) cost W6 (5 items of 1 ms) 4-6 % over a plain
-        loop; W7 (20 maps of 10 items) paid 5 probe steps a map.
-        """
-        local_args = self._args_for(self._strategy("serial", 1), extra_args)
-        results: list[Any] = []
-        started = time.perf_counter()
-        call_into(results, fn, items, local_args)
-        elapsed = time.perf_counter() - started
-        reason = ran_in_caller(item_cost_s * len(items), " (known cost)")
-        self.telemetry.add_caller_run(reason, len(results), elapsed)
-        self._planner.observed(fn, len(results), elapsed)
-        yield results
-
-    def _auto_known(
-        self,
-        fn: Callable[..., Any],
-        items: Sequence[Any],
-        extra_args: tuple[Any, ...],
-        chunk_size: int | None,
-        item_cost_s: float,
-    ) -> Iterator[list[Any]]:
-        """auto without a probe: ``fn``'s cost per item was measured before.
-
-        The whole map goes to the chosen strategy, started now (a processes
-        pool dispatches before the first ``next``), instead of its first
-        items running in the caller again: with 4 chunks a call, the probe
-        kept a quarter of a calibrated-explanations call serial.
-        """
-        n_items = len(items)
-        plan = self._choose(fn, n_items, item_cost_s, items[0])
-        return self._start_run(plan, fn, items, extra_args, chunk_size, n_items)
 
     def _stream(
         self,

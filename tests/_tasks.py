@@ -39,6 +39,15 @@ def fail_on(x: int, bad: int = 13) -> int:
     return x
 
 
+def pid_unless(x: int, bad: int, seconds: float) -> int:
+    """Sleep ``seconds``; return the pid, or raise ``TaskError`` for ``bad``."""
+    time.sleep(seconds)
+    if x == bad:
+        msg = f"item {x} is bad"
+        raise TaskError(msg)
+    return os.getpid()
+
+
 def sleep_s(x: int, seconds: float = 0.05) -> int:
     time.sleep(seconds)
     return x

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from _crash_tasks import pid_after
-from _tasks import shuffled_sleep, sleep_s, square
+from _tasks import TaskError, pid_unless, shuffled_sleep, sleep_s, square
 
 from engine import ParallelConfig, ParallelExecutor
 from engine._planner import REPROBE_EVERY, releases_gil
@@ -259,6 +259,82 @@ def test_a_warm_pool_is_not_probed_again_in_the_caller(
     assert me not in first[1:]
     assert all(me not in pids for pids in later), later
     assert strategies == {"processes"}
+
+
+def _split_of_w6() -> Any:
+    """How a map of 5 items of 2 ms splits here (None: it does not)."""
+    from engine._context import usable_cpu_count
+    from engine.auto import split_tiny
+
+    return split_tiny(5, 0.002, workers=2, usable_cpus=usable_cpu_count())
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uses fork")
+def test_a_tiny_map_shares_the_warm_pool_with_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 5 items of 2 ms: under MIN_PARALLEL_WORK_S, too small for a pool of its
+    # own, but with a pool warm the caller runs its share while the pool runs
+    # the rest. The first map probes (all in the caller: 10 ms of work); the
+    # second, of known cost, starts the pool (its start-up counted as 0)
+    # and splits; so do the next.
+    split = _split_of_w6()
+    if split is None:
+        pytest.skip("one usable CPU: no split")
+    config = _auto_with_free_fork_pools(monkeypatch).replace(max_workers=2)
+    me = os.getpid()
+    with ParallelExecutor(config) as ex:
+        maps = [ex.map(pid_unless, range(5), -1, 0.002) for _ in range(4)]
+        runs = ex.telemetry.runs
+    assert maps[0] == [me] * 5
+    head = split.caller_items
+    for pids in maps[1:]:
+        assert pids[:head] == [me] * head
+        assert me not in pids[head:]
+    assert [run.strategy for run in runs] == ["serial"] + ["processes"] * 3
+    assert [run.items for run in runs] == [5] * 4
+    wanted = f"the caller ran {head} items while the process pool ran {5 - head}"
+    assert all(wanted in run.reason for run in runs[1:])
+    assert "paid off" in runs[1].reason
+    assert "paid off" not in runs[2].reason
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uses fork")
+@pytest.mark.parametrize("where", ["caller", "pool"])
+def test_an_error_in_a_split_map_propagates_and_the_pool_stays_usable(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    split = _split_of_w6()
+    if split is None:
+        pytest.skip("one usable CPU: no split")
+    bad = 0 if where == "caller" else 4
+    config = _auto_with_free_fork_pools(monkeypatch).replace(max_workers=2)
+    with ParallelExecutor(config) as ex:
+        ex.map(pid_unless, range(5), -1, 0.002)  # the cost is known now
+        with pytest.raises(TaskError, match=f"item {bad} is bad"):
+            ex.map(pid_unless, range(5), bad, 0.002)
+        pids = ex.map(pid_unless, range(5), -1, 0.002)
+        runs = ex.telemetry.runs
+    assert pids[: split.caller_items] == [os.getpid()] * split.caller_items
+    assert [run.strategy for run in runs] == ["serial", "processes", "processes"]
+    assert runs[1].status != "ok"
+    assert runs[2].status == "ok"
+
+
+def test_an_explicit_chunk_size_keeps_a_tiny_map_in_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if _split_of_w6() is None:
+        pytest.skip("one usable CPU: no split")
+    config = _auto_with_free_fork_pools(monkeypatch).replace(max_workers=2)
+    me = os.getpid()
+    with ParallelExecutor(config) as ex:
+        for _ in range(3):
+            assert ex.map(pid_unless, range(5), -1, 0.002, chunk_size=2) == [me] * 5
+        assert {run.strategy for run in ex.telemetry.runs} == {"serial"}
+    with ParallelExecutor(config.replace(instance_chunk_size=2)) as ex:
+        for _ in range(3):
+            assert ex.map(pid_unless, range(5), -1, 0.002) == [me] * 5
 
 
 def test_strategies_ran_counts_what_each_map_ran_as() -> None:

@@ -5,13 +5,18 @@ from __future__ import annotations
 import pytest
 
 from engine.auto import (
+    MIN_GAIN,
     MIN_PARALLEL_WORK_S,
+    MIN_SPLIT_WORK_S,
+    SHARE_ROUND_TRIP_S,
     TARGET_CHUNK_S,
     Estimate,
+    Split,
     choose,
     choose_amortised,
     chunk_size_for,
     predict_s,
+    split_tiny,
 )
 
 ALL = ("serial", "threads", "processes", "joblib")
@@ -176,3 +181,73 @@ def test_one_slow_map_does_not_move_a_known_cost() -> None:
     assert planner.known_cost(fn, 5, items) == pytest.approx(0.005)
     planner.observed(fn, 5, 0.0005)  # under PROBE_MIN_S: not trusted
     assert planner.known_cost(fn, 5, items) == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize(
+    ("n_items", "cost", "workers", "cpus", "task_bytes", "expected"),
+    [
+        # W6 on 2 CPUs: the caller runs 3 items, one worker the other 2.
+        (5, 1 * MS, 2, 2, None, (3, 2)),
+        # 4 CPUs, 4 workers: the caller runs 2, three workers 1 each.
+        (5, 1 * MS, 4, 4, None, (2, 1)),
+        # More workers than CPUs: one chunk per other CPU, not per worker.
+        (6, 1 * MS, 8, 3, None, (2, 2)),
+        # Trivial items (W7): the round trip alone costs more.
+        (10, 1e-7, 2, 2, None, None),
+        # Under MIN_SPLIT_WORK_S of work: never worth a round trip.
+        (3, MIN_SPLIT_WORK_S / 4, 2, 2, None, None),
+        # Pickling 10 MB items costs more than the items.
+        (5, 1 * MS, 2, 2, 10_000_000, None),
+        # One item, one CPU, one worker: nothing to share.
+        (1, 10 * MS, 2, 2, None, None),
+        (5, 1 * MS, 2, 1, None, None),
+        (5, 1 * MS, 1, 2, None, None),
+    ],
+)
+def test_split_tiny(
+    n_items: int,
+    cost: float,
+    workers: int,
+    cpus: int,
+    task_bytes: int | None,
+    expected: tuple[int, int] | None,
+) -> None:
+    split = split_tiny(
+        n_items, cost, workers=workers, usable_cpus=cpus, task_bytes=task_bytes
+    )
+    if expected is None:
+        assert split is None
+        return
+    assert isinstance(split, Split)
+    assert (split.caller_items, split.chunk_size) == expected
+    # It pays: MIN_GAIN over one loop, and it costs at least one round trip.
+    assert split.predicted_s * MIN_GAIN <= n_items * cost
+    assert split.predicted_s >= SHARE_ROUND_TRIP_S
+
+
+def test_a_cold_pool_is_started_for_tiny_maps_once_their_gains_pay_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # AutoPlanner.split: with the pool cold, each W6-like map (5 items of
+    # 1 ms: 5 ms in one loop, ~3 ms split) forgoes ~2 ms; the pool is
+    # started by the map that brings the gains forgone to its start-up.
+    import engine._planner as planner_module
+    from engine._planner import AutoPlanner
+    from engine.config import ParallelConfig
+
+    monkeypatch.setattr(planner_module, "usable_cpu_count", lambda: 2)
+    monkeypatch.setattr(planner_module, "STARTUP_S", {("processes", None): 0.0099})
+    planner = AutoPlanner(ParallelConfig(strategy="auto"))
+    answers = [planner.split(5, 1 * MS, 7, warm=False, workers=2) for _ in range(6)]
+    assert answers[:4] == [None] * 4  # 8 ms forgone < 9.9 ms
+    split, reason = answers[4]
+    assert (split.caller_items, split.chunk_size) == (3, 2)
+    assert "the caller ran 3 items while the process pool ran 2" in reason
+    assert "0.010s start-up is paid off" in reason
+    # Warm, every such map shares it, and the reason says no start-up.
+    split, reason = planner.split(5, 1 * MS, 7, warm=True, workers=2)
+    assert split.caller_items == 3
+    assert "start-up" not in reason
+    # A preference without processes never splits.
+    restricted = AutoPlanner(ParallelConfig(strategy="auto", prefer=("threads",)))
+    assert restricted.split(5, 1 * MS, 7, warm=True, workers=2) is None

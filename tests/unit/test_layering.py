@@ -38,6 +38,7 @@ LAYERS = {
     "engine.auto": 4,
     "engine._planner": 4,
     "engine.executor": 5,
+    "engine._auto_runs": 5,
     "engine.explain": 6,
     "engine.integrations": 6,
     "engine": 7,
