@@ -255,24 +255,25 @@ class AutoPlanner:
         if split is None:
             return None
         serial_s = n_items * item_cost_s
-        reason = (
+        paid = ""
+        if not warm:
+            start = STARTUP_S.get(("processes", cfg.start_method))
+            if start is None:
+                start = DEFAULT_STARTUP_S["processes"]
+            with self._lock:
+                self._forgone_s += serial_s - split.predicted_s
+                forgone_s = self._forgone_s
+            if forgone_s < start:
+                return None
+            paid = (
+                f"; its {start:.3f}s start-up is paid off by {forgone_s:.3f}s "
+                "forgone in caller runs"
+            )
+        return split, (
             f"{serial_s * 1e3:.2f} ms of work (known cost): the caller ran "
             f"{split.caller_items} items while the process pool ran "
             f"{n_items - split.caller_items} (predicted {split.predicted_s * 1e3:.2f} ms)"
-        )
-        if warm:
-            return split, reason
-        start = STARTUP_S.get(("processes", cfg.start_method))
-        if start is None:
-            start = DEFAULT_STARTUP_S["processes"]
-        with self._lock:
-            self._forgone_s += serial_s - split.predicted_s
-            forgone_s = self._forgone_s
-        if forgone_s < start:
-            return None
-        return split, (
-            f"{reason}; its {start:.3f}s start-up is paid off by {forgone_s:.3f}s "
-            "forgone in caller runs"
+            f"{paid}"
         )
 
     def choose(
