@@ -76,7 +76,7 @@ class AutoRuns:
         # strategy's chunks (W4, W6, W7), or share the process pool.
         if known * n_items >= MIN_PARALLEL_WORK_S:
             return self._auto_known(fn, items, extra_args, chunk_size, known)
-        split = self._split(n_items, known, items, chunk_size)
+        split = self._split(fn, n_items, known, items, chunk_size)
         if split is not None:
             return self._auto_split(fn, items, extra_args, known, *split)
         return self._auto_tiny(fn, items, extra_args, known)
@@ -133,7 +133,12 @@ class AutoRuns:
         rest = items[len(probe) :] if probe else items
         chunks = self._chunks(used, ctx, rest, chunk_size, remaining, offset=len(probe))
         yield from self._stream(
-            strategy, fn, chunks, self._args_for(strategy, extra_args), ctx, cold
+            strategy,
+            fn,
+            chunks,
+            self._args_for(strategy, extra_args),
+            ctx,
+            observe=not cold,
         )
 
     def _auto_tiny(
@@ -161,7 +166,12 @@ class AutoRuns:
         yield results
 
     def _split(
-        self, n_items: int, known: float, items: Sequence[Any], chunk_size: int | None
+        self,
+        fn: Callable[..., Any],
+        n_items: int,
+        known: float,
+        items: Sequence[Any],
+        chunk_size: int | None,
     ) -> tuple[Split, str] | None:
         """Whether a tiny map of known cost shares the process pool (and why).
 
@@ -177,6 +187,7 @@ class AutoRuns:
         ):
             return None
         return self._planner.split(
+            fn,
             n_items,
             known,
             items[0],
@@ -196,16 +207,21 @@ class AutoRuns:
         """auto for a tiny map that shares the process pool with the caller.
 
         The pool's chunks are dispatched first; the caller then runs the
-        first ``split.caller_items`` itself, and the pool's results follow
-        in order. W6 (5 items of 1 ms) takes 3.8-4.2 ms so, against 5.0 ms
-        in one loop and 4.1-4.6 ms with the whole map on the warm pool; the
-        map's own overhead (plan, dispatch, collect: ~0.9 ms) is the rest.
+        first ``split.caller_items`` itself, then collects the pool's results
+        and yields the whole map at once (no consumer runs in between, so its
+        wall time is the split's own). W6 (5 items of 1 ms) takes 3.8-4.2 ms
+        so, against 5.0 ms in one loop and 4.1-4.6 ms with the whole map on
+        the warm pool; the map's own overhead (plan, dispatch, collect:
+        ~0.9 ms) is the rest. The caller's share refreshes ``fn``'s cost, and
+        the wall time against that share's cost tells the planner whether
+        splitting ``fn`` pays (``AutoPlanner.split_done``).
         """
         plan = Plan("processes", self._workers_for("processes"), None, reason, False)
         strategy, used, cold = self._start_strategy(plan)
         if used.strategy != "processes":  # could not start: one loop here
             yield from self._auto_tiny(fn, items, extra_args, item_cost_s)
             return
+        started = time.perf_counter()
         ctx = self._context(strategy, used, requested=plan)
         head = split.caller_items
         stream = self._stream(
@@ -214,21 +230,26 @@ class AutoRuns:
             make_chunks(items[head:], split.chunk_size),
             self._args_for(strategy, extra_args),
             ctx,
-            cold,
+            observe=False,
         )
         for _ in itertools.islice(stream, 1):  # dispatched: the marker block
             pass
         local_args = self._args_for(self._strategy("serial", 1), extra_args)
         results: list[Any] = []
-        started = time.perf_counter()
         try:
+            began = time.perf_counter()
             call_into(results, fn, items[:head], local_args)
-        except BaseException:
-            stream.close()  # the pool's part is cancelled; the run recorded
-            raise
-        ctx.recorder.add(items=head, chunks=1, compute_s=time.perf_counter() - started)
+            caller_s = time.perf_counter() - began
+            ctx.recorder.add(items=head, chunks=1, compute_s=caller_s)
+            for block in stream:
+                results.extend(block)
+        finally:
+            stream.close()  # at once on an error: the pool's part is cancelled
+        wall_s = time.perf_counter() - started
+        self._planner.observed(fn, head, caller_s)
+        if not cold:
+            self._planner.split_done(fn, wall_s, caller_s / head * len(items))
         yield results
-        yield from stream
 
     def _auto_known(
         self,

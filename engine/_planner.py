@@ -76,6 +76,23 @@ REPROBE_EVERY: Final = 8
 # two maps.
 COST_HISTORY: Final = 3
 
+# A function whose split maps (AutoPlanner.split) ran slower than one loop
+# in the caller would have is not split for its next SPLIT_RETRY_AFTER maps,
+# twice as many after each such verdict in a row (at most SPLIT_RETRY_MAX):
+# the full ablation's W5 (64 slices of a 100 MiB shared array) split in
+# 10.8 ms against 7.4 ms in one loop, the workers taking twice the caller's
+# time per slice. "Slower" is the median of the last SPLIT_HISTORY splits'
+# wall / loop, once SPLIT_JUDGED_MIN are known since the last verdict: W6's
+# splits took 0.70x the loop (median), yet 7 of 121 took longer, in bursts,
+# when other executors' maps ran between them, and the first split after 32
+# maps in the caller takes ~1.2x (its worker idled). Two slow splits in a
+# row, or a history kept across a pause, kept W6 in the caller for 178-217
+# maps of 300 (ci/bench/share.py's rotation).
+SPLIT_HISTORY: Final = 5
+SPLIT_JUDGED_MIN: Final = 3
+SPLIT_RETRY_AFTER: Final = 32
+SPLIT_RETRY_MAX: Final = 1024
+
 # Pool start-up seconds measured in this process, per strategy and configured
 # start method (None: the platform default), auto's input; the executor
 # writes it (engine._planner.STARTUP_S) when it starts a pool.
@@ -136,12 +153,17 @@ def ran_in_caller(work_s: float, source: str) -> str:
 class _Cost:
     """A function's cost per item, from its last measurements."""
 
-    __slots__ = ("recent", "uses", "value")
+    __slots__ = ("not_split", "recent", "retry_after", "splits", "uses", "value")
 
     def __init__(self, first: float) -> None:
         self.recent = collections.deque([first], maxlen=COST_HISTORY)
         self.value = first
         self.uses = 0  # maps that reused it since the last measurement
+        self.splits: collections.deque[float] = collections.deque(
+            maxlen=SPLIT_HISTORY
+        )  # wall / loop of the last split maps
+        self.not_split = 0  # maps left before a split is tried again
+        self.retry_after = SPLIT_RETRY_AFTER  # the next verdict's pause
 
     def add(self, cost: float) -> None:
         self.recent.append(cost)
@@ -228,13 +250,21 @@ class AutoPlanner:
             return entry.value
 
     def split(
-        self, n_items: int, item_cost_s: float, item: Any, *, warm: bool, workers: int
+        self,
+        fn: Callable[..., Any],
+        n_items: int,
+        item_cost_s: float,
+        item: Any,
+        *,
+        warm: bool,
+        workers: int,
     ) -> tuple[Split, str] | None:
-        """Whether a map under MIN_PARALLEL_WORK_S shares the process pool.
+        """Whether a map of ``fn`` under MIN_PARALLEL_WORK_S shares the pool.
 
-        With the pool warm: whenever ``auto.split_tiny`` says it pays. With
-        it cold (``warm`` False): the gain each such map forgoes is added up
-        (with ``choose``'s), and the pool is started once the gains reach its
+        With the pool warm: whenever ``auto.split_tiny`` says it pays, unless
+        ``fn``'s last split maps did not (``split_done``). With it cold
+        (``warm`` False): the gain each such map forgoes is added up (with
+        ``choose``'s), and the pool is started once the gains reach its
         start-up cost, the rule ``auto.choose_amortised`` applies to bigger
         maps. Returns the split and its reason, or ``None``: one loop in the
         caller.
@@ -242,6 +272,11 @@ class AutoPlanner:
         cfg = self._config
         if "processes" not in (cfg.prefer or DEFAULT_ORDER):
             return None
+        with self._lock, contextlib.suppress(TypeError):  # builtins: no weakref
+            entry = self._item_costs.get(fn)
+            if entry is not None and entry.not_split:
+                entry.not_split -= 1
+                return None
         task_bytes = cfg.task_size_hint_bytes
         if task_bytes is None:
             task_bytes = _pickled_size(item)
@@ -275,6 +310,28 @@ class AutoPlanner:
             f"{n_items - split.caller_items} (predicted {split.predicted_s * 1e3:.2f} ms)"
             f"{paid}"
         )
+
+    def split_done(self, fn: Callable[..., Any], wall_s: float, loop_s: float) -> None:
+        """Judge a split map of ``fn`` (warm pool): ``wall_s`` against the
+        ``loop_s`` one loop in the caller would have taken (from the caller's
+        share). Once ``SPLIT_JUDGED_MIN`` are known, a lower median of the
+        last ``SPLIT_HISTORY`` over 1 stops ``fn``'s splits for a pause that
+        doubles with each verdict in a row; a median of 1 or less resets it.
+        """
+        with self._lock, contextlib.suppress(TypeError):  # builtins: no weakref
+            entry = self._item_costs.get(fn)
+            if entry is None or loop_s <= 0:
+                return
+            entry.splits.append(wall_s / loop_s)
+            if len(entry.splits) < SPLIT_JUDGED_MIN:
+                return
+            ordered = sorted(entry.splits)
+            if ordered[(len(ordered) - 1) // 2] <= 1.0:  # the lower median
+                entry.retry_after = SPLIT_RETRY_AFTER
+                return
+            entry.not_split = entry.retry_after
+            entry.retry_after = min(2 * entry.retry_after, SPLIT_RETRY_MAX)
+            entry.splits.clear()  # judged afresh after the pause
 
     def choose(
         self,

@@ -342,7 +342,12 @@ class ParallelExecutor(AutoRuns):
         ctx = self._context(strategy, used, requested=plan)
         chunks = self._chunks(used, ctx, items, chunk_size, n_items, offset=0)
         stream = self._stream(
-            strategy, fn, chunks, self._args_for(strategy, extra_args), ctx, cold
+            strategy,
+            fn,
+            chunks,
+            self._args_for(strategy, extra_args),
+            ctx,
+            observe=not cold,
         )
         if strategy.STARTS_EAGERLY:
             # Dispatch now; the strategy's first block is an empty marker.
@@ -431,11 +436,13 @@ class ParallelExecutor(AutoRuns):
         chunks: Iterable[Chunk],
         extra_args: tuple[Any, ...],
         ctx: RunContext,
-        cold: bool,
+        *,
+        observe: bool,
     ) -> Iterator[Any]:
-        """Run ``chunks``; record the run; refresh auto's cost of ``fn`` from
-        it, unless the pool was ``cold`` (its first items paid worker
-        start-up: W1's first pooled map measured 14x the warm cost)."""
+        """Run ``chunks``; record the run; if ``observe``, refresh auto's cost
+        of ``fn`` from it. Not when the pool was just started (its first
+        items paid worker start-up: W1's first pooled map measured 14x the
+        warm cost), nor for a split map (its caller's share measures it)."""
         with self._lock:
             self._active.add(ctx)
             store = self._payloads
@@ -470,7 +477,7 @@ class ParallelExecutor(AutoRuns):
                 ctx.recorder.add(bytes_shared=store.bytes_shared - shared_before)
             summary = ctx.recorder.finish(status)
             self.telemetry.add(summary)
-            if status == "ok" and not cold and self._config.strategy == "auto":
+            if status == "ok" and observe and self._config.strategy == "auto":
                 self._planner.observed(fn, summary.items, summary.compute_s)
 
     def cancel(self) -> None:

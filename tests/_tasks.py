@@ -48,6 +48,12 @@ def pid_unless(x: int, bad: int, seconds: float) -> int:
     return os.getpid()
 
 
+def slower_in_workers(x: int, caller_pid: int, seconds: float) -> int:
+    """Sleep ``seconds`` in the caller, four times as long anywhere else."""
+    time.sleep(seconds if os.getpid() == caller_pid else 4 * seconds)
+    return x
+
+
 def sleep_s(x: int, seconds: float = 0.05) -> int:
     time.sleep(seconds)
     return x

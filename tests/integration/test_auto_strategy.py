@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 from _crash_tasks import pid_after
-from _tasks import TaskError, pid_unless, shuffled_sleep, sleep_s, square
+from _tasks import (
+    TaskError,
+    pid_unless,
+    shuffled_sleep,
+    sleep_s,
+    slower_in_workers,
+    square,
+)
 
 from engine import ParallelConfig, ParallelExecutor
 from engine._planner import REPROBE_EVERY, releases_gil
@@ -319,6 +326,28 @@ def test_an_error_in_a_split_map_propagates_and_the_pool_stays_usable(
     assert [run.strategy for run in runs] == ["serial", "processes", "processes"]
     assert runs[1].status != "ok"
     assert runs[2].status == "ok"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uses fork")
+def test_splits_that_turn_out_slower_than_one_loop_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Items that take 4x as long in a worker (W5 of the full ablation: 2x):
+    # the split is predicted to pay and does not. The map that starts the
+    # pool is not judged (start-up); the next SPLIT_JUDGED_MIN maps are, and
+    # the maps after them run in the caller again.
+    from engine._planner import SPLIT_JUDGED_MIN
+
+    if _split_of_w6() is None:
+        pytest.skip("one usable CPU: no split")
+    config = _auto_with_free_fork_pools(monkeypatch).replace(max_workers=2)
+    me = os.getpid()
+    with ParallelExecutor(config) as ex:
+        for _ in range(2 + SPLIT_JUDGED_MIN + 3):
+            assert ex.map(slower_in_workers, range(5), me, 0.002) == list(range(5))
+        strategies = [run.strategy for run in ex.telemetry.runs]
+    pooled = 1 + SPLIT_JUDGED_MIN
+    assert strategies == ["serial"] + ["processes"] * pooled + ["serial"] * 3
 
 
 def test_an_explicit_chunk_size_keeps_a_tiny_map_in_the_caller(

@@ -238,16 +238,64 @@ def test_a_cold_pool_is_started_for_tiny_maps_once_their_gains_pay_for_it(
     monkeypatch.setattr(planner_module, "usable_cpu_count", lambda: 2)
     monkeypatch.setattr(planner_module, "STARTUP_S", {("processes", None): 0.0099})
     planner = AutoPlanner(ParallelConfig(strategy="auto"))
-    answers = [planner.split(5, 1 * MS, 7, warm=False, workers=2) for _ in range(6)]
+    answers = [
+        planner.split(_fn, 5, 1 * MS, 7, warm=False, workers=2) for _ in range(6)
+    ]
     assert answers[:4] == [None] * 4  # 8 ms forgone < 9.9 ms
     split, reason = answers[4]
     assert (split.caller_items, split.chunk_size) == (3, 2)
     assert "the caller ran 3 items while the process pool ran 2" in reason
     assert "0.010s start-up is paid off" in reason
     # Warm, every such map shares it, and the reason says no start-up.
-    split, reason = planner.split(5, 1 * MS, 7, warm=True, workers=2)
+    split, reason = planner.split(_fn, 5, 1 * MS, 7, warm=True, workers=2)
     assert split.caller_items == 3
     assert "start-up" not in reason
     # A preference without processes never splits.
     restricted = AutoPlanner(ParallelConfig(strategy="auto", prefer=("threads",)))
-    assert restricted.split(5, 1 * MS, 7, warm=True, workers=2) is None
+    assert restricted.split(_fn, 5, 1 * MS, 7, warm=True, workers=2) is None
+
+
+def _fn(x: int) -> int:
+    return x
+
+
+def test_a_function_whose_splits_do_not_pay_is_not_split_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Predicted to pay, measured not to (W5 of the full ablation: the workers
+    # took twice the caller's time per slice). The median of the last splits'
+    # wall / loop decides, once SPLIT_JUDGED_MIN are known: an outlier or
+    # two do not stop splits; a slow median stops them for a pause that
+    # doubles with each slow verdict in a row and resets after a good one.
+    import engine._planner as planner_module
+    from engine._planner import SPLIT_JUDGED_MIN, SPLIT_RETRY_AFTER, AutoPlanner
+    from engine.config import ParallelConfig
+
+    monkeypatch.setattr(planner_module, "usable_cpu_count", lambda: 2)
+    planner = AutoPlanner(ParallelConfig(strategy="auto"))
+    planner.observed(_fn, 5, 0.005)
+
+    def splits() -> bool:
+        return planner.split(_fn, 5, 1 * MS, 7, warm=True, workers=2) is not None
+
+    def judge(*ratios: float) -> None:
+        for ratio in ratios:
+            planner.split_done(_fn, wall_s=0.005 * ratio, loop_s=0.005)
+
+    def paused() -> int:
+        count = 0
+        while not splits():
+            count += 1
+        return count
+
+    judge(0.7, 1.5, 0.7, 1.5, 0.7)  # noise: the lower median stays 0.7
+    assert splits()
+    judge(1.4)  # three slow of the last five: 1.5, 0.7, 1.5, 0.7, 1.4
+    assert paused() == SPLIT_RETRY_AFTER
+    judge(*[1.4] * (SPLIT_JUDGED_MIN - 1))  # judged afresh: not enough yet
+    assert splits()
+    judge(1.4)
+    assert paused() == 2 * SPLIT_RETRY_AFTER  # a verdict in a row: doubled
+    judge(0.7, 0.7, 0.7)  # pays again: the pause is reset
+    judge(1.4, 1.4, 1.4, 1.4)
+    assert paused() == SPLIT_RETRY_AFTER
