@@ -132,14 +132,7 @@ class AutoRuns:
             return
         rest = items[len(probe) :] if probe else items
         chunks = self._chunks(used, ctx, rest, chunk_size, remaining, offset=len(probe))
-        yield from self._stream(
-            strategy,
-            fn,
-            chunks,
-            self._args_for(strategy, extra_args),
-            ctx,
-            observe=not cold,
-        )
+        yield from self._stream(strategy, fn, chunks, extra_args, ctx, observe=not cold)
 
     def _auto_tiny(
         self,
@@ -228,7 +221,7 @@ class AutoRuns:
             strategy,
             fn,
             make_chunks(items[head:], split.chunk_size),
-            self._args_for(strategy, extra_args),
+            extra_args,
             ctx,
             observe=False,
         )

@@ -81,16 +81,17 @@ COST_HISTORY: Final = 3
 # twice as many after each such verdict in a row (at most SPLIT_RETRY_MAX):
 # the full ablation's W5 (64 slices of a 100 MiB shared array) split in
 # 10.8 ms against 7.4 ms in one loop, the workers taking twice the caller's
-# time per slice. "Slower" is the median of the last SPLIT_HISTORY splits'
-# wall / loop, once SPLIT_JUDGED_MIN are known since the last verdict: W6's
-# splits took 0.70x the loop (median), yet 7 of 121 took longer, in bursts,
-# when other executors' maps ran between them, and the first split after 32
-# maps in the caller takes ~1.2x (its worker idled). Two slow splits in a
-# row, or a history kept across a pause, kept W6 in the caller for 178-217
-# maps of 300 (ci/bench/share.py's rotation).
+# time per slice. "Slower" is the lower median of the last SPLIT_HISTORY
+# splits' wall / loop, once SPLIT_JUDGED_MIN are known since the last
+# verdict, not counting the first split after a pause (its worker idled:
+# 6.1-8.0 ms where W6's splits take 3.7-4.2). W6's splits took 0.70x the
+# loop (median), yet 7 of 121 took longer, in bursts, when other executors'
+# maps ran between them (ci/bench/share.py's rotation); a burst of 4-7
+# slow ones in the full ablation paused them, and a pause of 32 maps kept
+# W6 in the caller for 75 of its 125 timed maps, so pauses start short.
 SPLIT_HISTORY: Final = 5
 SPLIT_JUDGED_MIN: Final = 3
-SPLIT_RETRY_AFTER: Final = 32
+SPLIT_RETRY_AFTER: Final = 8
 SPLIT_RETRY_MAX: Final = 1024
 
 # Pool start-up seconds measured in this process, per strategy and configured
@@ -153,7 +154,15 @@ def ran_in_caller(work_s: float, source: str) -> str:
 class _Cost:
     """A function's cost per item, from its last measurements."""
 
-    __slots__ = ("not_split", "recent", "retry_after", "splits", "uses", "value")
+    __slots__ = (
+        "not_split",
+        "recent",
+        "resumed",
+        "retry_after",
+        "splits",
+        "uses",
+        "value",
+    )
 
     def __init__(self, first: float) -> None:
         self.recent = collections.deque([first], maxlen=COST_HISTORY)
@@ -164,6 +173,7 @@ class _Cost:
         )  # wall / loop of the last split maps
         self.not_split = 0  # maps left before a split is tried again
         self.retry_after = SPLIT_RETRY_AFTER  # the next verdict's pause
+        self.resumed = False  # the next split is the first after a pause
 
     def add(self, cost: float) -> None:
         self.recent.append(cost)
@@ -317,10 +327,14 @@ class AutoPlanner:
         share). Once ``SPLIT_JUDGED_MIN`` are known, a lower median of the
         last ``SPLIT_HISTORY`` over 1 stops ``fn``'s splits for a pause that
         doubles with each verdict in a row; a median of 1 or less resets it.
+        The first split after a pause is not judged (its worker idled).
         """
         with self._lock, contextlib.suppress(TypeError):  # builtins: no weakref
             entry = self._item_costs.get(fn)
             if entry is None or loop_s <= 0:
+                return
+            if entry.resumed:  # the first split after a pause: not judged
+                entry.resumed = False
                 return
             entry.splits.append(wall_s / loop_s)
             if len(entry.splits) < SPLIT_JUDGED_MIN:
@@ -332,6 +346,7 @@ class AutoPlanner:
             entry.not_split = entry.retry_after
             entry.retry_after = min(2 * entry.retry_after, SPLIT_RETRY_MAX)
             entry.splits.clear()  # judged afresh after the pause
+            entry.resumed = True
 
     def choose(
         self,

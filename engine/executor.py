@@ -341,14 +341,7 @@ class ParallelExecutor(AutoRuns):
         strategy, used, cold = self._start_strategy(plan)
         ctx = self._context(strategy, used, requested=plan)
         chunks = self._chunks(used, ctx, items, chunk_size, n_items, offset=0)
-        stream = self._stream(
-            strategy,
-            fn,
-            chunks,
-            self._args_for(strategy, extra_args),
-            ctx,
-            observe=not cold,
-        )
+        stream = self._stream(strategy, fn, chunks, extra_args, ctx, observe=not cold)
         if strategy.STARTS_EAGERLY:
             # Dispatch now; the strategy's first block is an empty marker.
             for _ in itertools.islice(stream, 1):
@@ -439,10 +432,12 @@ class ParallelExecutor(AutoRuns):
         *,
         observe: bool,
     ) -> Iterator[Any]:
-        """Run ``chunks``; record the run; if ``observe``, refresh auto's cost
-        of ``fn`` from it. Not when the pool was just started (its first
-        items paid worker start-up: W1's first pooled map measured 14x the
-        warm cost), nor for a split map (its caller's share measures it)."""
+        """Run ``chunks`` with ``extra_args`` (shared handles resolved here
+        for an in-process strategy); record the run; if ``observe``, refresh
+        auto's cost of ``fn`` from it. Not when the pool was just started
+        (its first items paid worker start-up: W1's first pooled map
+        measured 14x the warm cost), nor for a split map (its caller's share
+        measures it)."""
         with self._lock:
             self._active.add(ctx)
             store = self._payloads
@@ -451,7 +446,8 @@ class ParallelExecutor(AutoRuns):
         )
         status = "error"
         try:
-            for _, results in strategy.run(fn, chunks, extra_args, ctx):
+            args = self._args_for(strategy, extra_args)
+            for _, results in strategy.run(fn, chunks, args, ctx):
                 yield results
             status = "ok"
         except CancelledError:

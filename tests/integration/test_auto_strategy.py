@@ -276,9 +276,17 @@ def _split_of_w6() -> Any:
     return split_tiny(5, 0.002, workers=2, usable_cpus=usable_cpu_count())
 
 
+@pytest.fixture
+def split_config(monkeypatch: pytest.MonkeyPatch) -> ParallelConfig:
+    """auto over fork pools that start for free, 2 workers; W6-like maps split."""
+    if _split_of_w6() is None:
+        pytest.skip("one usable CPU: no split")
+    return _auto_with_free_fork_pools(monkeypatch).replace(max_workers=2)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="uses fork")
 def test_a_tiny_map_shares_the_warm_pool_with_the_caller(
-    monkeypatch: pytest.MonkeyPatch,
+    split_config: ParallelConfig,
 ) -> None:
     # 5 items of 2 ms: under MIN_PARALLEL_WORK_S, too small for a pool of its
     # own, but with a pool warm the caller runs its share while the pool runs
@@ -286,11 +294,8 @@ def test_a_tiny_map_shares_the_warm_pool_with_the_caller(
     # second, of known cost, starts the pool (its start-up counted as 0)
     # and splits; so do the next.
     split = _split_of_w6()
-    if split is None:
-        pytest.skip("one usable CPU: no split")
-    config = _auto_with_free_fork_pools(monkeypatch).replace(max_workers=2)
     me = os.getpid()
-    with ParallelExecutor(config) as ex:
+    with ParallelExecutor(split_config) as ex:
         maps = [ex.map(pid_unless, range(5), -1, 0.002) for _ in range(4)]
         runs = ex.telemetry.runs
     assert maps[0] == [me] * 5
@@ -309,14 +314,11 @@ def test_a_tiny_map_shares_the_warm_pool_with_the_caller(
 @pytest.mark.skipif(sys.platform == "win32", reason="uses fork")
 @pytest.mark.parametrize("where", ["caller", "pool"])
 def test_an_error_in_a_split_map_propagates_and_the_pool_stays_usable(
-    monkeypatch: pytest.MonkeyPatch, where: str
+    split_config: ParallelConfig, where: str
 ) -> None:
     split = _split_of_w6()
-    if split is None:
-        pytest.skip("one usable CPU: no split")
     bad = 0 if where == "caller" else 4
-    config = _auto_with_free_fork_pools(monkeypatch).replace(max_workers=2)
-    with ParallelExecutor(config) as ex:
+    with ParallelExecutor(split_config) as ex:
         ex.map(pid_unless, range(5), -1, 0.002)  # the cost is known now
         with pytest.raises(TaskError, match=f"item {bad} is bad"):
             ex.map(pid_unless, range(5), bad, 0.002)
@@ -330,7 +332,7 @@ def test_an_error_in_a_split_map_propagates_and_the_pool_stays_usable(
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uses fork")
 def test_splits_that_turn_out_slower_than_one_loop_stop(
-    monkeypatch: pytest.MonkeyPatch,
+    split_config: ParallelConfig,
 ) -> None:
     # Items that take 4x as long in a worker (W5 of the full ablation: 2x):
     # the split is predicted to pay and does not. The map that starts the
@@ -338,11 +340,8 @@ def test_splits_that_turn_out_slower_than_one_loop_stop(
     # the maps after them run in the caller again.
     from engine._planner import SPLIT_JUDGED_MIN
 
-    if _split_of_w6() is None:
-        pytest.skip("one usable CPU: no split")
-    config = _auto_with_free_fork_pools(monkeypatch).replace(max_workers=2)
     me = os.getpid()
-    with ParallelExecutor(config) as ex:
+    with ParallelExecutor(split_config) as ex:
         for _ in range(2 + SPLIT_JUDGED_MIN + 3):
             assert ex.map(slower_in_workers, range(5), me, 0.002) == list(range(5))
         strategies = [run.strategy for run in ex.telemetry.runs]
@@ -350,18 +349,16 @@ def test_splits_that_turn_out_slower_than_one_loop_stop(
     assert strategies == ["serial"] + ["processes"] * pooled + ["serial"] * 3
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="uses fork")
 def test_an_explicit_chunk_size_keeps_a_tiny_map_in_the_caller(
-    monkeypatch: pytest.MonkeyPatch,
+    split_config: ParallelConfig,
 ) -> None:
-    if _split_of_w6() is None:
-        pytest.skip("one usable CPU: no split")
-    config = _auto_with_free_fork_pools(monkeypatch).replace(max_workers=2)
     me = os.getpid()
-    with ParallelExecutor(config) as ex:
+    with ParallelExecutor(split_config) as ex:
         for _ in range(3):
             assert ex.map(pid_unless, range(5), -1, 0.002, chunk_size=2) == [me] * 5
         assert {run.strategy for run in ex.telemetry.runs} == {"serial"}
-    with ParallelExecutor(config.replace(instance_chunk_size=2)) as ex:
+    with ParallelExecutor(split_config.replace(instance_chunk_size=2)) as ex:
         for _ in range(3):
             assert ex.map(pid_unless, range(5), -1, 0.002) == [me] * 5
 

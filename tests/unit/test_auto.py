@@ -292,10 +292,11 @@ def test_a_function_whose_splits_do_not_pay_is_not_split_for_a_while(
     assert splits()
     judge(1.4)  # three slow of the last five: 1.5, 0.7, 1.5, 0.7, 1.4
     assert paused() == SPLIT_RETRY_AFTER
+    judge(9.0)  # the first split after a pause (an idle worker): not judged
     judge(*[1.4] * (SPLIT_JUDGED_MIN - 1))  # judged afresh: not enough yet
     assert splits()
     judge(1.4)
     assert paused() == 2 * SPLIT_RETRY_AFTER  # a verdict in a row: doubled
-    judge(0.7, 0.7, 0.7)  # pays again: the pause is reset
-    judge(1.4, 1.4, 1.4, 1.4)
+    judge(9.0, 0.7, 0.7, 0.7)  # pays again: the pause is reset
+    judge(1.4, 1.4, 1.4)
     assert paused() == SPLIT_RETRY_AFTER
