@@ -269,18 +269,28 @@ def test_a_warm_pool_is_not_probed_again_in_the_caller(
 
 
 def _split_of_w6() -> Any:
-    """How a map of 5 items of 2 ms splits here (None: it does not)."""
+    """How a map of 5 items of 1 ms splits here (None: it does not)."""
     from engine._context import usable_cpu_count
     from engine.auto import split_tiny
 
-    return split_tiny(5, 0.002, workers=2, usable_cpus=usable_cpu_count())
+    return split_tiny(5, 0.001, workers=2, usable_cpus=usable_cpu_count())
 
 
 @pytest.fixture
 def split_config(monkeypatch: pytest.MonkeyPatch) -> ParallelConfig:
-    """auto over fork pools that start for free, 2 workers; W6-like maps split."""
+    """auto over fork pools that start for free, 2 workers; W6-like maps split.
+
+    Every map counts as under MIN_PARALLEL_WORK_S: on a loaded machine the
+    1 ms sleeps stretched to 4 ms and more, and the maps, now 20 ms of
+    measured work, rightly went to the pool whole.
+    """
+    import engine._auto_runs
+    import engine._planner
+
     if _split_of_w6() is None:
         pytest.skip("one usable CPU: no split")
+    for module in (engine._auto_runs, engine._planner):
+        monkeypatch.setattr(module, "MIN_PARALLEL_WORK_S", 10.0)
     return _auto_with_free_fork_pools(monkeypatch).replace(max_workers=2)
 
 
@@ -288,15 +298,15 @@ def split_config(monkeypatch: pytest.MonkeyPatch) -> ParallelConfig:
 def test_a_tiny_map_shares_the_warm_pool_with_the_caller(
     split_config: ParallelConfig,
 ) -> None:
-    # 5 items of 2 ms: under MIN_PARALLEL_WORK_S, too small for a pool of its
-    # own, but with a pool warm the caller runs its share while the pool runs
-    # the rest. The first map probes (all in the caller: 10 ms of work); the
-    # second, of known cost, starts the pool (its start-up counted as 0)
-    # and splits; so do the next.
+    # 5 items of 1 ms: under MIN_PARALLEL_WORK_S, too small for a pool of
+    # its own, but with a pool warm the caller runs its share while the pool
+    # runs the rest. The first map probes (all in the caller); the second,
+    # of known cost, starts the pool (its start-up counted as 0) and
+    # splits; so do the next.
     split = _split_of_w6()
     me = os.getpid()
     with ParallelExecutor(split_config) as ex:
-        maps = [ex.map(pid_unless, range(5), -1, 0.002) for _ in range(4)]
+        maps = [ex.map(pid_unless, range(5), -1, 0.001) for _ in range(4)]
         runs = ex.telemetry.runs
     assert maps[0] == [me] * 5
     head = split.caller_items
@@ -319,10 +329,10 @@ def test_an_error_in_a_split_map_propagates_and_the_pool_stays_usable(
     split = _split_of_w6()
     bad = 0 if where == "caller" else 4
     with ParallelExecutor(split_config) as ex:
-        ex.map(pid_unless, range(5), -1, 0.002)  # the cost is known now
+        ex.map(pid_unless, range(5), -1, 0.001)  # the cost is known now
         with pytest.raises(TaskError, match=f"item {bad} is bad"):
-            ex.map(pid_unless, range(5), bad, 0.002)
-        pids = ex.map(pid_unless, range(5), -1, 0.002)
+            ex.map(pid_unless, range(5), bad, 0.001)
+        pids = ex.map(pid_unless, range(5), -1, 0.001)
         runs = ex.telemetry.runs
     assert pids[: split.caller_items] == [os.getpid()] * split.caller_items
     assert [run.strategy for run in runs] == ["serial", "processes", "processes"]
@@ -343,7 +353,7 @@ def test_splits_that_turn_out_slower_than_one_loop_stop(
     me = os.getpid()
     with ParallelExecutor(split_config) as ex:
         for _ in range(2 + SPLIT_JUDGED_MIN + 3):
-            assert ex.map(slower_in_workers, range(5), me, 0.002) == list(range(5))
+            assert ex.map(slower_in_workers, range(5), me, 0.001) == list(range(5))
         strategies = [run.strategy for run in ex.telemetry.runs]
     pooled = 1 + SPLIT_JUDGED_MIN
     assert strategies == ["serial"] + ["processes"] * pooled + ["serial"] * 3
@@ -356,11 +366,11 @@ def test_an_explicit_chunk_size_keeps_a_tiny_map_in_the_caller(
     me = os.getpid()
     with ParallelExecutor(split_config) as ex:
         for _ in range(3):
-            assert ex.map(pid_unless, range(5), -1, 0.002, chunk_size=2) == [me] * 5
+            assert ex.map(pid_unless, range(5), -1, 0.001, chunk_size=2) == [me] * 5
         assert {run.strategy for run in ex.telemetry.runs} == {"serial"}
     with ParallelExecutor(split_config.replace(instance_chunk_size=2)) as ex:
         for _ in range(3):
-            assert ex.map(pid_unless, range(5), -1, 0.002) == [me] * 5
+            assert ex.map(pid_unless, range(5), -1, 0.001) == [me] * 5
 
 
 def test_strategies_ran_counts_what_each_map_ran_as() -> None:
