@@ -10,7 +10,8 @@
 
 The executor owns the lifecycle, the payload store, the telemetry and the
 strategies it has started (kept warm until shutdown); a strategy owns its
-workers.
+workers. How auto runs a map (probe, one loop, a split, a pool) is
+``engine._auto_runs.AutoRuns``, mixed in.
 """
 
 from __future__ import annotations
