@@ -150,35 +150,62 @@ def ran_in_caller(work_s: float, source: str) -> str:
     )
 
 
+def _lower_median(values: collections.deque[float]) -> float:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+@final
+class _Splits:
+    """Whether a function's split maps pay: their last wall / loop ratios."""
+
+    __slots__ = ("paused", "ratios", "resumed", "retry_after")
+
+    def __init__(self) -> None:
+        self.ratios: collections.deque[float] = collections.deque(maxlen=SPLIT_HISTORY)
+        self.paused = 0  # maps left before a split is tried again
+        self.retry_after = SPLIT_RETRY_AFTER  # the next verdict's pause
+        self.resumed = False  # the next split is the first after a pause
+
+    def skip(self) -> bool:
+        """True while paused (counting the map down)."""
+        if not self.paused:
+            return False
+        self.paused -= 1
+        return True
+
+    def judge(self, ratio: float) -> None:
+        """Add a split's wall / loop; pause when the splits do not pay."""
+        if self.resumed:  # the first split after a pause: not judged
+            self.resumed = False
+            return
+        self.ratios.append(ratio)
+        if len(self.ratios) < SPLIT_JUDGED_MIN:
+            return
+        if _lower_median(self.ratios) <= 1.0:
+            self.retry_after = SPLIT_RETRY_AFTER
+            return
+        self.paused = self.retry_after
+        self.retry_after = min(2 * self.retry_after, SPLIT_RETRY_MAX)
+        self.ratios.clear()  # judged afresh after the pause
+        self.resumed = True
+
+
 @final
 class _Cost:
     """A function's cost per item, from its last measurements."""
 
-    __slots__ = (
-        "not_split",
-        "recent",
-        "resumed",
-        "retry_after",
-        "splits",
-        "uses",
-        "value",
-    )
+    __slots__ = ("recent", "splits", "uses", "value")
 
     def __init__(self, first: float) -> None:
         self.recent = collections.deque([first], maxlen=COST_HISTORY)
         self.value = first
         self.uses = 0  # maps that reused it since the last measurement
-        self.splits: collections.deque[float] = collections.deque(
-            maxlen=SPLIT_HISTORY
-        )  # wall / loop of the last split maps
-        self.not_split = 0  # maps left before a split is tried again
-        self.retry_after = SPLIT_RETRY_AFTER  # the next verdict's pause
-        self.resumed = False  # the next split is the first after a pause
+        self.splits = _Splits()
 
     def add(self, cost: float) -> None:
         self.recent.append(cost)
-        ordered = sorted(self.recent)
-        self.value = ordered[(len(ordered) - 1) // 2]
+        self.value = _lower_median(self.recent)
         self.uses = 0
 
 
@@ -284,18 +311,14 @@ class AutoPlanner:
             return None
         with self._lock, contextlib.suppress(TypeError):  # builtins: no weakref
             entry = self._item_costs.get(fn)
-            if entry is not None and entry.not_split:
-                entry.not_split -= 1
+            if entry is not None and entry.splits.skip():
                 return None
-        task_bytes = cfg.task_size_hint_bytes
-        if task_bytes is None:
-            task_bytes = _pickled_size(item)
         split = split_tiny(
             n_items,
             item_cost_s,
             workers=workers,
             usable_cpus=usable_cpu_count(),
-            task_bytes=task_bytes,
+            task_bytes=self._task_bytes(item),
         )
         if split is None:
             return None
@@ -331,22 +354,15 @@ class AutoPlanner:
         """
         with self._lock, contextlib.suppress(TypeError):  # builtins: no weakref
             entry = self._item_costs.get(fn)
-            if entry is None or loop_s <= 0:
-                return
-            if entry.resumed:  # the first split after a pause: not judged
-                entry.resumed = False
-                return
-            entry.splits.append(wall_s / loop_s)
-            if len(entry.splits) < SPLIT_JUDGED_MIN:
-                return
-            ordered = sorted(entry.splits)
-            if ordered[(len(ordered) - 1) // 2] <= 1.0:  # the lower median
-                entry.retry_after = SPLIT_RETRY_AFTER
-                return
-            entry.not_split = entry.retry_after
-            entry.retry_after = min(2 * entry.retry_after, SPLIT_RETRY_MAX)
-            entry.splits.clear()  # judged afresh after the pause
-            entry.resumed = True
+            if entry is not None and loop_s > 0:
+                entry.splits.judge(wall_s / loop_s)
+
+    def _task_bytes(self, item: Any) -> int | None:
+        """Bytes pickled per task: the configured hint, else ``item``'s size."""
+        hint = self._config.task_size_hint_bytes
+        if hint is None and item is not NO_ITEM:
+            return _pickled_size(item)
+        return hint
 
     def choose(
         self,
@@ -370,9 +386,6 @@ class AutoPlanner:
             name: STARTUP_S.get((name, cfg.start_method)) for name in available
         }
         startup.update(dict.fromkeys(warm, 0.0))
-        task_bytes = cfg.task_size_hint_bytes
-        if task_bytes is None and item is not NO_ITEM:
-            task_bytes = _pickled_size(item)
         with self._lock:
             forgone_before = self._forgone_s
         choice, forgone_s = choose_amortised(
@@ -384,7 +397,7 @@ class AutoPlanner:
                 prefer=cfg.prefer,
                 releases_gil=releases_gil(fn),
                 item_cost_s=item_cost_s,
-                task_bytes=task_bytes,
+                task_bytes=self._task_bytes(item),
                 shared_bytes=shared_bytes,
                 startup_s={k: v for k, v in startup.items() if v is not None},
             ),
