@@ -81,6 +81,10 @@ class AutoRuns:
             return self._auto_split(fn, items, extra_args, known, *split)
         return self._auto_tiny(fn, items, extra_args, known)
 
+    def _caller_args(self, extra_args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``extra_args`` as the caller's own items see them (handles resolved)."""
+        return self._args_for(self._strategy("serial", 1), extra_args)
+
     def _choose(
         self,
         fn: Callable[..., Any],
@@ -112,7 +116,7 @@ class AutoRuns:
         first: Any = NO_ITEM
         if n_items is not None and isinstance(items, Sequence) and n_items:
             first = items[0]
-            local_args = self._args_for(self._strategy("serial", 1), extra_args)
+            local_args = self._caller_args(extra_args)
             probe, item_cost_s = self._planner.probe(fn, items, local_args, n_items)
         remaining = n_items - len(probe) if n_items is not None else None
         if remaining == 0:
@@ -148,7 +152,7 @@ class AutoRuns:
         with its cancel event) cost W6 (5 items of 1 ms) 4-6 % over a plain
         loop; W7 (20 maps of 10 items) paid 5 probe steps a map.
         """
-        local_args = self._args_for(self._strategy("serial", 1), extra_args)
+        local_args = self._caller_args(extra_args)
         results: list[Any] = []
         started = time.perf_counter()
         call_into(results, fn, items, local_args)
@@ -227,7 +231,7 @@ class AutoRuns:
         )
         for _ in itertools.islice(stream, 1):  # dispatched: the marker block
             pass
-        local_args = self._args_for(self._strategy("serial", 1), extra_args)
+        local_args = self._caller_args(extra_args)
         results: list[Any] = []
         try:
             began = time.perf_counter()
