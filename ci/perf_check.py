@@ -44,7 +44,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from engine._ablate import flat_ratios  # noqa: E402  (the path above first)
+from engine._ablate import flat_ratios, median_ratios  # noqa: E402  (path first)
 
 BASELINE = HERE / "perf_baseline.json"
 # Ratios this small are dominated by timer noise and scheduling; a 10 %
@@ -104,13 +104,8 @@ def merge(reports: list[dict]) -> dict:
                 into.setdefault("samples_s", {}).setdefault(name, []).extend(values)
     for data in merged.get("workloads", {}).values():
         samples = data.get("samples_s", {})
-        base = samples.get(data["baseline"])
-        if base:
-            data["ratio_to_baseline"] = {
-                name: statistics.median(values) / statistics.median(base)
-                for name, values in samples.items()
-                if values
-            }
+        if samples.get(data["baseline"]):
+            data["ratio_to_baseline"] = median_ratios(samples, data["baseline"])[1]
     merged["ratios"] = flat_ratios(merged.get("workloads", {}))
     return merged
 

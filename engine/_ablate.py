@@ -162,11 +162,7 @@ def measure(
         auto_ran = strategies_ran(workload.executor("auto"), auto_since)
     finally:
         workload.close()
-    medians = {name: statistics.median(values) for name, values in samples.items()}
-    base = medians.get(workload.baseline)
-    ratios = {
-        name: (value / base if base else math.nan) for name, value in medians.items()
-    }
+    medians, ratios = median_ratios(samples, workload.baseline)
     return {
         "title": workload.title,
         "baseline": workload.baseline,
@@ -179,6 +175,21 @@ def measure(
         "auto_ran": auto_ran,
         "skipped": skipped,
     }
+
+
+def median_ratios(
+    samples: dict[str, list[float]], baseline: str
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Each configuration's median sample, and its ratio to ``baseline``'s
+    median (NaN without one). Configurations without samples are left out."""
+    medians = {
+        name: statistics.median(values) for name, values in samples.items() if values
+    }
+    base = medians.get(baseline)
+    ratios = {
+        name: (value / base if base else math.nan) for name, value in medians.items()
+    }
+    return medians, ratios
 
 
 def duel_configs(samples: dict[str, list[float]]) -> list[str]:
